@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (set-up + the main job) and `make test` (set-up + the test suite).
+# Both create .venv when it is missing. TORCH_PIN pins the CPU wheel for dev and CI only;
+# users installing the package get whatever torch they already have.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: venv
+	$(BIN)/python -m immiscible demo $(DEMO_ARGS)
+
+bench: venv
+	$(BIN)/python -m immiscible.bench --quick
+
+# pytest exits 5 when it collects no test; that is not a failure of the suite.
+test: venv
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

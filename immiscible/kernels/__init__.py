@@ -1,0 +1,1 @@
+"""Triton kernels. Import lazily: triton is an optional extra."""
