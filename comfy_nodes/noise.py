@@ -1,0 +1,306 @@
+"""What the ComfyUI nodes compute, free of ComfyUI imports so it is testable with fakes.
+
+Spaces. A ComfyUI ``LATENT`` holds VAE-space samples; the sampler works in *model space*,
+``latent_format.process_in(samples)``, where the noise is standard Gaussian. It converts only
+latents that are not all zero (an empty latent stays zero). Everything here follows that: the
+selection is made against ``process_in(samples)``, and latents the preview returns are mapped back
+with ``process_out`` so a VAE Decode shows them.
+
+Noise levels. The preview shows ``x`` noised at ``t`` in [0, 1]:
+
+* flow models (SD3, Flux, Wan, or a MODEL whose sampling is ComfyUI's ``CONST``):
+  ``sigma = t`` (no shift), ``x_t = sigma * noise + (1 - sigma) * x``;
+* EPS / v models (SD1.5, SDXL): ``x_t = x + sigma * noise`` with ``sigma`` the model's sigma at
+  timestep ``t * 999`` (SD's scaled-linear schedule when no MODEL is given: 0 .. 14.6).
+
+Determinism and ``batch_index``. ``comfy.sample.prepare_noise`` gives the sample whose
+``batch_index`` is ``i`` the ``i``-th draw of the seed, so a latent split off a batch gets the
+noise it had in the batch. Here sample ``b`` with batch index ``i`` is selected (knn) from the
+candidates of ``derive_seed(seed, i)``, which gives the same property. ``mode="assign"`` couples
+the whole batch; its pool is seeded from ``derive_seed(seed, *batch_indices)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import immiscible
+from immiscible import _checks, derive_seed, viz
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "sd15", "sdxl", "sd3", "flux", "wan", "raw")
+FLOW_FORMATS = frozenset({"sd3", "flux", "wan", "raw"})
+_COMFY_FORMAT_CLASSES = {"sd15": "SD15", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "wan": "Wan21",
+                         "raw": "LatentFormat"}
+# (scale, shift) of process_in, used only where comfy.latent_formats cannot be imported (unit tests).
+_AFFINE_FALLBACK = {"sd15": (0.18215, 0.0), "sdxl": (0.13025, 0.0), "sd3": (1.5305, 0.0609),
+                    "flux": (0.3611, 0.1159), "wan": (1.0, 0.0), "raw": (1.0, 0.0)}
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+class AffineFormat:
+    """``process_in(x) = (x - shift) * scale``; a stand-in for ComfyUI's latent formats."""
+
+    latent_rgb_factors = None
+    latent_rgb_factors_bias = None
+
+    def __init__(self, scale: float = 1.0, shift: float = 0.0):
+        self.scale_factor, self.shift_factor = scale, shift
+
+    def process_in(self, latent):
+        return (latent - self.shift_factor) * self.scale_factor
+
+    def process_out(self, latent):
+        return latent / self.scale_factor + self.shift_factor
+
+
+@dataclass
+class LatentSpace:
+    """A latent format (``process_in``/``process_out``, optional RGB factors) and how noise mixes in."""
+
+    name: str
+    format: object
+    flow: bool
+    model_sampling: object = None
+
+    def to_model(self, samples: torch.Tensor) -> torch.Tensor:
+        """``process_in``, except that an all-zero latent stays zero (as ComfyUI's sampler does)."""
+        if torch.count_nonzero(samples) == 0:
+            return samples.clone()
+        try:
+            return self.format.process_in(samples)
+        except RuntimeError as exc:
+            raise ValueError(f"latent_format {self.name!r} does not fit a latent of shape "
+                             f"{tuple(samples.shape)}: {exc}") from exc
+
+    def to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        return self.format.process_out(x)
+
+    def sigma(self, t: float) -> float:
+        """The sigma that noise level ``t`` in [0, 1] stands for (see the module docstring)."""
+        if t <= 0.0:
+            return 0.0
+        if self.flow and self.model_sampling is None:
+            return float(t)
+        ms = self.model_sampling
+        if ms is not None:
+            if t >= 1.0:
+                return float(ms.sigma_max)
+            return float(ms.percent_to_sigma(1.0 - t))
+        return sd_sigma(t)
+
+    def mix(self, x: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        s = self.sigma(t)
+        return s * noise + (1.0 - s) * x if self.flow else x + s * noise
+
+
+def sd_sigma(t: float) -> float:
+    """Sigma of SD's scaled-linear schedule (betas 0.00085 .. 0.012, 1000 steps) at timestep ``t * 999``."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
+    pos = min(max(t, 0.0), 1.0) * 999.0
+    lo, w = int(np.floor(pos)), pos - np.floor(pos)
+    hi = min(lo + 1, 999)
+    return float(((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp())
+
+
+def auto_format(samples: torch.Tensor) -> str:
+    """Guess a format from the shape: 4 channels SD1.5, 16 channels Flux (4-D) or Wan (5-D), else raw."""
+    channels = samples.shape[1] if samples.dim() >= 2 else 0
+    if samples.dim() == 4 and channels == 4:
+        return "sd15"
+    if samples.dim() == 4 and channels == 16:
+        return "flux"
+    if samples.dim() == 5 and channels == 16:
+        return "wan"
+    return "raw"
+
+
+def _is_flow_sampling(model_sampling) -> bool:
+    return any(cls.__name__ == "CONST" for cls in type(model_sampling).__mro__)
+
+
+def latent_space(samples: torch.Tensor, model=None, latent_format: str = "auto") -> LatentSpace:
+    """The latent space to work in: the MODEL's latent format when given, else the named one."""
+    if model is not None:
+        fmt = model.get_model_object("latent_format")
+        ms = model.get_model_object("model_sampling")
+        return LatentSpace(type(fmt).__name__, fmt, _is_flow_sampling(ms), ms)
+    if latent_format not in FORMATS:
+        raise ValueError(f"latent_format must be one of {', '.join(FORMATS)}, got {latent_format!r}")
+    name = auto_format(samples) if latent_format == "auto" else latent_format
+    try:
+        import comfy.latent_formats as lf
+
+        fmt = getattr(lf, _COMFY_FORMAT_CLASSES[name])()
+    except ImportError:
+        fmt = AffineFormat(*_AFFINE_FALLBACK[name])
+    return LatentSpace(name, fmt, name in FLOW_FORMATS)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def check_latent(latent) -> torch.Tensor:
+    """The ``samples`` of a LATENT dict, checked: a float tensor ``[B, C, H, W]`` or ``[B, C, T, H, W]``."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise TypeError(f"latent must be a ComfyUI LATENT dict with 'samples', got {type(latent).__name__}")
+    samples = latent["samples"]
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"latent['samples'] must be a torch.Tensor, got {type(samples).__name__}")
+    if samples.dim() < 3 or samples.numel() == 0:
+        raise ValueError(f"latent is empty or has no sample dims: shape {tuple(samples.shape)} "
+                         "(expected [B, C, H, W] or [B, C, T, H, W] with every dim >= 1)")
+    return samples
+
+
+def batch_indices(latent: dict, batch: int) -> list[int]:
+    inds = latent.get("batch_index")
+    if inds is None:
+        return list(range(batch))
+    inds = [int(i) for i in inds]
+    if len(inds) != batch:
+        raise ValueError(f"latent['batch_index'] has {len(inds)} entries for a batch of {batch}")
+    return inds
+
+
+def comfy_random_noise(samples: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
+    """What ``comfy.sample.prepare_noise`` returns (``RandomNoise``), without touching global RNG state."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    if batch_index is None:
+        return torch.randn(samples.size(), dtype=samples.dtype, layout=samples.layout, generator=gen, device="cpu")
+    unique, inverse = np.unique(batch_index, return_inverse=True)
+    draws = {}
+    for i in range(int(unique[-1]) + 1):
+        n = torch.randn([1] + list(samples.size())[1:], dtype=samples.dtype, layout=samples.layout,
+                        generator=gen, device="cpu")
+        if i in unique:
+            draws[i] = n
+    return torch.cat([draws[int(unique[j])] for j in np.asarray(inverse).reshape(-1)], 0)
+
+
+def select_for_batch(x: torch.Tensor, k: int, seed: int, mode: str, metric: str, indices: list[int]):
+    """Selection against model-space ``x`` keyed by batch index; returns ``(noise, [SelectionInfo])``."""
+    if mode == "knn":
+        noises, infos = [], []
+        for b, i in enumerate(indices):
+            n, info = immiscible.select_noise(x[b : b + 1], k, seed=derive_seed(seed, i), mode="knn",
+                                              metric=metric, backend="torch", return_info=True)
+            noises.append(n)
+            infos.append(info)
+        return torch.cat(noises, 0), infos
+    n, info = immiscible.select_noise(x, k, seed=derive_seed(seed, *indices), mode=mode, metric=metric,
+                                      backend="torch", return_info=True)
+    return n, [info]
+
+
+_logged_zero = False
+
+
+def _log_zero_once():
+    global _logged_zero
+    if not _logged_zero:
+        logger.info("Immiscible Noise: the latent is all zeros (text-to-image), so there is nothing to align "
+                    "the noise to; using plain noise, identical to RandomNoise with the same seed.")
+        _logged_zero = True
+
+
+class ImmiscibleNoise:
+    """A ComfyUI NOISE source: ``.seed`` and ``generate_noise(latent) -> CPU noise in model space``."""
+
+    def __init__(self, seed: int, k: int, mode: str = "knn", metric: str = "l2", model=None,
+                 latent_format: str = "auto"):
+        _checks.check_k(k)
+        _checks.check_choice("mode", mode, _checks.MODES)
+        _checks.check_choice("metric", metric, _checks.METRICS)
+        if _checks.check_seed(seed) is None:
+            raise ValueError("seed must be an integer in [0, 2**64)")
+        self.seed, self.k, self.mode, self.metric = int(seed), int(k), mode, metric
+        self.model, self.latent_format = model, latent_format
+        self.last_info = None
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = check_latent(input_latent)
+        indices = batch_indices(input_latent, samples.shape[0])
+        batch_index = input_latent.get("batch_index")
+        if torch.count_nonzero(samples) == 0:
+            _log_zero_once()
+            return comfy_random_noise(samples, self.seed, batch_index)
+        space = latent_space(samples, self.model, self.latent_format)
+        x = space.to_model(samples.detach().to("cpu", torch.float32))
+        noise, self.last_info = select_for_batch(x, self.k, self.seed, self.mode, self.metric, indices)
+        return noise.to(dtype=samples.dtype, device="cpu")
+
+
+# --------------------------------------------------------------------------- preview
+
+
+def candidate_distances(x: torch.Tensor, k: int, seed: int, mode: str, indices: list[int], infos):
+    """Squared distances ``[B, M]`` from ``x[b]`` to the candidates the selection chose among, and the choice."""
+    flat = x.reshape(x.shape[0], -1)
+    if mode == "knn":
+        rows = []
+        for b, i in enumerate(indices):
+            cand = immiscible.candidates(x[b : b + 1], k, seed=derive_seed(seed, i), mode="knn", backend="torch")
+            rows.append((cand.reshape(k, -1) - flat[b]).square().sum(1))
+        chosen = torch.cat([info.index for info in infos])
+        return torch.stack(rows), chosen
+    pool = immiscible.candidates(x, k, seed=derive_seed(seed, *indices), mode=mode, backend="torch")
+    pool = pool.reshape(pool.shape[0], -1)
+    dist = torch.stack([(pool - flat[b]).square().sum(1) for b in range(flat.shape[0])])
+    return dist, infos[0].index
+
+
+@dataclass
+class PreviewResult:
+    sheet: np.ndarray              # uint8 [H, W, 3]
+    latents: dict                  # assigned_noise, random_noise, noisy_assigned, noisy_random (VAE space)
+    stats: str
+    data: viz.PreviewData
+
+
+def check_t(t) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+        raise ValueError(f"t (noise level) must be a number in [0, 1], got {t!r}")
+    return float(t)
+
+
+def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, model=None,
+            latent_format: str = "auto", max_rows: int = 4) -> PreviewResult:
+    """Everything the Immiscible Noise Preview node outputs."""
+    t = check_t(t)
+    samples = check_latent(latent)
+    source = ImmiscibleNoise(seed, k, mode, metric, model, latent_format)
+    indices = batch_indices(latent, samples.shape[0])
+    space = latent_space(samples, model, latent_format)
+    x = space.to_model(samples.detach().to("cpu", torch.float32))
+    random_noise = comfy_random_noise(samples, seed, latent.get("batch_index")).float()
+    settings = {"k": k, "mode": mode, "metric": metric, "seed": seed, "format": space.name,
+                "mixing": "flow" if space.flow else "eps", "sigma": f"{space.sigma(t):.3g}"}
+    if torch.count_nonzero(samples) == 0:
+        _log_zero_once()
+        assigned = random_noise.clone()
+        dists = viz.noise_stats(x, assigned)["distance"]
+        cand, chosen = torch.from_numpy(dists)[:, None], torch.zeros(x.shape[0], dtype=torch.long)
+        settings["note"] = "all-zero latent: plain noise"
+    else:
+        assigned, infos = select_for_batch(x, k, seed, mode, metric, indices)
+        cand, chosen = candidate_distances(x, k, seed, mode, indices, infos)
+    noisy_random, noisy_assigned = space.mix(x, random_noise, t), space.mix(x, assigned, t)
+    data = viz.PreviewData(x, random_noise, assigned, noisy_random, noisy_assigned, cand, chosen, t, settings,
+                           getattr(space.format, "latent_rgb_factors", None),
+                           getattr(space.format, "latent_rgb_factors_bias", None),
+                           1.0 if space.flow else 1.0 / (1.0 + space.sigma(t) ** 2) ** 0.5)
+    dtype = samples.dtype
+
+    def out(z):
+        return {"samples": space.to_vae(z).to(dtype)}
+
+    latents = {"assigned_noise": out(assigned), "random_noise": out(random_noise),
+               "noisy_assigned": out(noisy_assigned), "noisy_random": out(noisy_random)}
+    return PreviewResult(viz.render_preview_sheet(data, max_rows=max_rows), latents, viz.format_stats(data), data)
