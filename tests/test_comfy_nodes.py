@@ -1,0 +1,281 @@
+"""ComfyUI nodes with a fake ``comfy_api.latest`` (no ComfyUI needed)."""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- a fake comfy_api
+
+
+class _Port:
+    def __init__(self, id=None, display_name=None, optional=False, tooltip=None, advanced=None, **kw):
+        self.id, self.optional, self.tooltip, self.advanced, self.kw = id, optional, tooltip, advanced, kw
+
+
+class _Combo(_Port):
+    def __init__(self, id, options=None, advanced=None, **kw):
+        super().__init__(id, advanced=advanced, **kw)
+        self.options = options
+
+
+def _type(name, input_cls=_Port):
+    return type(name, (), {"Input": input_cls, "Output": _Port, "io_type": name.upper()})
+
+
+class _NodeOutput:
+    def __init__(self, *args, ui=None):
+        self.args = args
+
+
+class _Schema:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _Extension:
+    pass
+
+
+@pytest.fixture
+def nodes(monkeypatch):
+    io = types.SimpleNamespace(ComfyNode=object, Schema=_Schema, NodeOutput=_NodeOutput, Combo=_type("Combo", _Combo),
+                               **{n: _type(n) for n in ("Int", "Float", "String", "Latent", "Model", "Image",
+                                                        "Noise")})
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, _Extension
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    monkeypatch.delitem(sys.modules, "comfy_nodes.nodes", raising=False)
+    module = importlib.import_module("comfy_nodes.nodes")
+    yield module
+    sys.modules.pop("comfy_nodes.nodes", None)
+
+
+def _latent(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(*shape, generator=g) * 2 + 0.5}
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_schema_category_tooltips_seed_and_advanced(nodes):
+    for node in nodes.NODES:
+        schema = node.define_schema()
+        assert schema.category == "sampling/noise/immiscible"
+        for port in schema.inputs + schema.outputs:
+            assert port.tooltip, f"{schema.node_id}.{port.id} has no tooltip"
+        by_id = {p.id: p for p in schema.inputs}
+        assert by_id["seed"].kw["max"] == 0xFFFFFFFFFFFFFFFF and by_id["seed"].kw["control_after_generate"]
+        assert by_id["k"].kw["min"] == 1
+        assert by_id["model"].optional
+        for knob in ("mode", "metric", "latent_format"):
+            assert by_id[knob].advanced is True
+        assert by_id["latent_format"].options == ["auto", "sd15", "sdxl", "sd3", "flux", "wan", "raw"]
+    preview = nodes.ImmiscibleNoisePreview.define_schema()
+    assert [o.id for o in preview.outputs] == ["sheet", "assigned_noise", "random_noise", "noisy_assigned",
+                                               "noisy_random", "stats"]
+
+
+def test_extension_lists_both_nodes(nodes):
+    ext = asyncio.run(nodes.comfy_entrypoint())
+    assert [n.__name__ for n in asyncio.run(ext.get_node_list())] == ["ImmiscibleNoise", "ImmiscibleNoisePreview"]
+
+
+def test_root_init_is_light_and_exposes_entrypoint():
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('pack', r'{REPO / '__init__.py'}', "
+            f"submodule_search_locations=[r'{REPO}'])\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m)\n"
+            "assert callable(m.comfy_entrypoint)\n"
+            "heavy = [n for n in ('torch', 'numpy', 'matplotlib', 'immiscible') if n in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+# --------------------------------------------------------------------------- the NOISE source
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8), (2, 16, 4, 4), (1, 16, 3, 4, 4)])
+def test_noise_shape_dtype_device_and_determinism(nodes, shape):
+    latent = _latent(*shape)
+    source = nodes.ImmiscibleNoise.execute(seed=7, k=8).args[0]
+    assert source.seed == 7
+    noise = source.generate_noise(latent)
+    assert noise.shape == latent["samples"].shape and noise.dtype == torch.float32 and noise.device.type == "cpu"
+    assert torch.equal(noise, nodes.ImmiscibleNoise.execute(seed=7, k=8).args[0].generate_noise(latent))
+    assert not torch.equal(noise, nodes.ImmiscibleNoise.execute(seed=8, k=8).args[0].generate_noise(latent))
+    half = {"samples": latent["samples"].half()}
+    assert source.generate_noise(half).dtype == torch.float16
+
+
+def test_noise_is_nearer_than_random_and_in_model_space():
+    from comfy_nodes import noise as core
+
+    latent = _latent(3, 4, 16, 16)
+    source = core.ImmiscibleNoise(3, 32)
+    chosen = source.generate_noise(latent)
+    x = latent["samples"] * 0.18215  # sd15 process_in, chosen by auto for 4 channels
+    rand = core.comfy_random_noise(latent["samples"], 3)
+    assert ((chosen - x) ** 2).sum() < ((rand - x) ** 2).sum()
+    info_dist = torch.cat([i.distance for i in source.last_info])
+    assert torch.allclose(((chosen - x) ** 2).flatten(1).sum(1), info_dist, rtol=1e-4)
+
+
+def test_batch_index_gives_the_noise_of_the_full_batch():
+    from comfy_nodes import noise as core
+
+    full = _latent(4, 4, 8, 8)
+    whole = core.ImmiscibleNoise(5, 8).generate_noise(full)
+    part = {"samples": full["samples"][[2, 0]], "batch_index": [2, 0]}
+    assert torch.equal(core.ImmiscibleNoise(5, 8).generate_noise(part), whole[[2, 0]])
+
+
+def test_random_noise_matches_prepare_noise_semantics():
+    from comfy_nodes import noise as core
+
+    samples = torch.zeros(3, 4, 4, 4)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        ref = torch.randn(samples.size())
+        torch.manual_seed(11)
+        draws = [torch.randn(1, 4, 4, 4) for _ in range(4)]
+    assert torch.equal(core.comfy_random_noise(samples, 11), ref)
+    got = core.comfy_random_noise(samples, 11, [3, 1, 3])
+    assert torch.equal(got, torch.cat([draws[3], draws[1], draws[3]]))
+
+
+def test_all_zero_latent_gives_plain_noise_and_logs_once(caplog, monkeypatch):
+    from comfy_nodes import noise as core
+
+    monkeypatch.setattr(core, "_logged_zero", False)
+    empty = {"samples": torch.zeros(2, 4, 8, 8)}
+    with caplog.at_level(logging.INFO, logger="comfy_nodes.noise"):
+        a = core.ImmiscibleNoise(9, 16).generate_noise(empty)
+        b = core.ImmiscibleNoise(9, 16).generate_noise(empty)
+    assert torch.equal(a, core.comfy_random_noise(empty["samples"], 9)) and torch.equal(a, b)
+    assert sum("all zeros" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_assign_mode_and_cosine_metric():
+    from comfy_nodes import noise as core
+
+    latent = _latent(3, 4, 8, 8)
+    a = core.ImmiscibleNoise(1, 4, mode="assign").generate_noise(latent)
+    c = core.ImmiscibleNoise(1, 4, metric="cosine").generate_noise(latent)
+    assert a.shape == c.shape == latent["samples"].shape
+
+
+@pytest.mark.parametrize("kwargs, match", [({"k": 0}, "k must be"), ({"k": 2, "mode": "nope"}, "mode"),
+                                           ({"k": 2, "metric": "l1"}, "metric")])
+def test_bad_settings_raise(kwargs, match):
+    from comfy_nodes import noise as core
+
+    with pytest.raises(ValueError, match=match):
+        core.ImmiscibleNoise(0, **kwargs)
+
+
+def test_bad_latents_and_t_raise():
+    from comfy_nodes import noise as core
+
+    with pytest.raises(ValueError, match="empty"):
+        core.ImmiscibleNoise(0, 4).generate_noise({"samples": torch.zeros(0, 4, 8, 8)})
+    with pytest.raises(TypeError, match="LATENT"):
+        core.ImmiscibleNoise(0, 4).generate_noise(torch.zeros(1, 4, 8, 8))
+    for t in (-0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match="t "):
+            core.preview(_latent(1, 4, 8, 8), 4, "knn", "l2", 0, t)
+    with pytest.raises(ValueError, match="latent_format"):
+        core.preview(_latent(1, 4, 8, 8), 4, "knn", "l2", 0, 0.5, latent_format="sd9")
+
+
+# --------------------------------------------------------------------------- the preview
+
+
+class _FakeFormat:
+    latent_rgb_factors = [[0.3, 0.2, 0.1]] * 16
+    latent_rgb_factors_bias = [0.0, 0.0, 0.0]
+
+    def process_in(self, x):
+        return (x - 0.1) * 0.5
+
+    def process_out(self, x):
+        return x / 0.5 + 0.1
+
+
+class CONST:  # the name ComfyUI's flow model_sampling classes derive from
+    sigma_max = 1.0
+
+    def percent_to_sigma(self, percent):
+        return 1.0 - percent
+
+
+class _FakeModel:
+    def get_model_object(self, name):
+        return {"latent_format": _FakeFormat(), "model_sampling": CONST()}[name]
+
+
+def test_preview_node_outputs(nodes):
+    latent = _latent(2, 4, 8, 8)
+    latent["batch_index"] = [0, 1]
+    out = nodes.ImmiscibleNoisePreview.execute(latent=latent, k=16, mode="knn", metric="l2", seed=4, t=0.5).args
+    sheet, assigned, rand, noisy_a, noisy_r, stats = out
+    assert sheet.shape[0] == 1 and sheet.shape[-1] == 3 and sheet.dtype == torch.float32
+    assert 0.0 <= float(sheet.min()) and float(sheet.max()) <= 1.0 and float(sheet.std()) > 0.05
+    x = latent["samples"] * 0.18215
+    # VAE space out: process_in of the output is the model-space noise
+    assert torch.allclose(assigned["samples"] * 0.18215, nodes.core.ImmiscibleNoise(4, 16).generate_noise(latent),
+                          atol=1e-5)
+    assert torch.allclose(rand["samples"] * 0.18215, nodes.core.comfy_random_noise(x, 4, [0, 1]), atol=1e-5)
+    sigma = nodes.core.sd_sigma(0.5)
+    assert torch.allclose(noisy_r["samples"] * 0.18215, x + sigma * rand["samples"] * 0.18215, atol=1e-4)
+    assert assigned["batch_index"] == [0, 1]
+    assert "assigned" in stats and "k=16" in stats and "mixing=eps" in stats
+
+
+def test_preview_with_model_uses_its_format_and_flow_mixing():
+    from comfy_nodes import noise as core
+
+    latent = _latent(2, 16, 4, 4, 4)  # 5-D video latent
+    res = core.preview(latent, 8, "knn", "l2", 1, 0.25, model=_FakeModel())
+    x = (latent["samples"] - 0.1) * 0.5
+    assert torch.allclose(res.data.latents, x)
+    expected = 0.25 * res.data.assigned_noise + 0.75 * x
+    assert torch.allclose(res.data.noisy_assigned, expected, atol=1e-6)
+    assert torch.allclose(res.latents["noisy_assigned"]["samples"], expected / 0.5 + 0.1, atol=1e-5)
+    assert "mixing=flow" in res.stats and res.sheet.dtype.name == "uint8"
+
+
+def test_preview_reduction_is_positive_for_k_above_one():
+    from comfy_nodes import noise as core
+
+    res = core.preview(_latent(2, 4, 8, 8), 32, "knn", "l2", 0, 0.5)
+    from immiscible import viz
+
+    rows = viz.stats_rows(res.data)
+    assert rows[1]["reduction_vs_candidates"] > 0
+    assert res.data.candidate_distances.shape == (2, 32)
+    assert torch.equal(res.data.candidate_distances.argmin(1), res.data.chosen)
+
+
+def test_auto_formats():
+    from comfy_nodes import noise as core
+
+    assert core.auto_format(torch.zeros(1, 4, 8, 8)) == "sd15"
+    assert core.auto_format(torch.zeros(1, 16, 8, 8)) == "flux"
+    assert core.auto_format(torch.zeros(1, 16, 2, 8, 8)) == "wan"
+    assert core.auto_format(torch.zeros(1, 3, 8, 8)) == "raw"
+    assert core.latent_space(torch.zeros(1, 16, 8, 8)).flow
+    assert not core.latent_space(torch.zeros(1, 4, 8, 8)).flow
+    assert core.sd_sigma(1.0) == pytest.approx(14.61, abs=0.02)
