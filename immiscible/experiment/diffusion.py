@@ -1,0 +1,75 @@
+"""The two training objectives and their deterministic samplers.
+
+``ddpm`` : epsilon-prediction with the "scaled linear" beta schedule SD / SDXL train with
+           (betas 0.00085..0.012, T = 1000; Ho et al., 2020); sampled with DDIM (eta = 0), Euler's method on the probability-flow
+           ODE in the (x0, eps) parametrization (Song et al., 2021).
+``flow`` : rectified flow / flow matching, ``x_t = (1 - t) x0 + t n``, target ``v = n - x0`` as
+           FLUX trains; sampled with Euler steps from t = 1 to 0 (Liu et al., 2023).
+
+The noise ``n`` is passed in from outside: this is where a pairing arm acts.
+"""
+from __future__ import annotations
+
+import torch
+
+OBJECTIVES = ("ddpm", "flow")
+DDPM_T = 1000
+
+
+def ddpm_alpha_bar(T: int = DDPM_T, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Cumulative products ``alpha_bar_t`` of SD's scaled-linear beta schedule, shape (T,)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64).square()
+    return torch.cumprod(1.0 - betas, 0).to(torch.float32)
+
+
+def draw_times(objective: str, batch: int, *, generator: torch.Generator) -> torch.Tensor:
+    """Training times: integer steps in [0, T) for ddpm, uniform in [0, 1) for flow -> (B,)."""
+    if objective == "ddpm":
+        return torch.randint(0, DDPM_T, (batch,), generator=generator)
+    return torch.rand(batch, generator=generator)
+
+
+def noisy_input_and_target(objective: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                           alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, model time in [0, 1], regression target)`` for a batch ``x0`` (B, D) and ``noise`` (B, D)."""
+    if objective == "ddpm":
+        ab = alpha_bar[t][:, None]
+        return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise, t.to(torch.float32) / DDPM_T, noise
+    tt = t[:, None]
+    return (1.0 - tt) * x0 + tt * noise, t, noise - x0
+
+
+def objective_loss(model, objective: str, x0, noise, t, alpha_bar) -> torch.Tensor:
+    """Mean squared error of the model's prediction against the objective's target."""
+    x_t, time, target = noisy_input_and_target(objective, x0, noise, t, alpha_bar)
+    return (model(x_t, time) - target).square().mean()
+
+
+@torch.no_grad()
+def sample_ddim(model, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """DDIM (eta = 0) from ``noise`` (N, D) at t = T-1 to data in ``steps`` model calls."""
+    ts = torch.linspace(DDPM_T - 1, 0, steps + 1)[:-1].round().long()
+    x = noise
+    for i, t in enumerate(ts.tolist()):
+        ab = alpha_bar[t]
+        eps = model(x, torch.full((x.shape[0],), t / DDPM_T))
+        x0_hat = (x - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+        ab_next = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        x = ab_next.sqrt() * x0_hat + (1.0 - ab_next).sqrt() * eps
+    return x
+
+
+@torch.no_grad()
+def sample_euler(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Euler's method on ``dx/dt = v(x, t)`` from t = 1 (``noise``, (N, D)) to t = 0 in ``steps`` steps."""
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    x = noise
+    for t0, t1 in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        x = x + (t1 - t0) * model(x, torch.full((x.shape[0],), t0))
+    return x
+
+
+def sample(model, objective: str, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    if objective == "ddpm":
+        return sample_ddim(model, noise, steps, alpha_bar)
+    return sample_euler(model, noise, steps)
