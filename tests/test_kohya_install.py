@@ -1,0 +1,187 @@
+"""Options, the start-up hook's safety, the launcher and the installer's static checks."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kohya_patch import installer, options
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parser_with_options():
+    p = argparse.ArgumentParser()
+    options.add_immiscible_arguments(p)
+    options.add_immiscible_arguments(p)  # idempotent
+    return p
+
+
+def test_cli_defaults_are_off():
+    s = options.settings_from_args(parser_with_options().parse_args([]))
+    assert s == options.Settings() and not s.enabled and s.metadata() == {}
+
+
+def test_cli_parses_and_rejects():
+    p = parser_with_options()
+    s = options.settings_from_args(p.parse_args(["--immiscible_k", "64", "--immiscible_mode", "assign",
+                                                 "--immiscible_metric", "cosine", "--immiscible_backend", "torch",
+                                                 "--immiscible_validation"]))
+    assert (s.k, s.mode, s.metric, s.backend, s.validation) == (64, "assign", "cosine", "torch", True)
+    for bad in (["--immiscible_k", "x"], ["--immiscible_mode", "hungarian"], ["--immiscible_metric", "l1"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+
+
+def test_help_is_bilingual_with_recommendations():
+    text = parser_with_options().format_help()
+    assert "64" in text and "推奨" in text and " / " in text
+
+
+@pytest.mark.parametrize("key,value,exc,needle", [
+    ("immiscible_k", "64", TypeError, "[1, 65536]"),
+    ("immiscible_k", 64.5, TypeError, "[1, 65536]"),
+    ("immiscible_k", 0, ValueError, "[1, 65536]"),
+    ("immiscible_k", -3, ValueError, "[1, 65536]"),
+    ("immiscible_k", True, TypeError, "integer"),
+    ("immiscible_k", 70000, ValueError, "[1, 65536]"),
+    ("immiscible_mode", "KNN", ValueError, "knn, assign"),
+    ("immiscible_metric", 2, ValueError, "l2, cosine"),
+    ("immiscible_backend", "cuda", ValueError, "auto, torch, triton"),
+    ("immiscible_validation", "yes", TypeError, "true or false"),
+])
+def test_toml_values_are_validated(key, value, exc, needle):
+    ns = parser_with_options().parse_args([])
+    setattr(ns, key, value)
+    with pytest.raises(exc) as info:
+        options.settings_from_args(ns)
+    assert key in str(info.value) and needle in str(info.value)
+
+
+def test_upstream_knn_noise_conflict():
+    ns = argparse.Namespace(knn_noise_k=4)
+    options.check_upstream_overlap(ns, options.Settings(k=1))
+    options.check_upstream_overlap(argparse.Namespace(knn_noise_k=1), options.Settings(k=8))
+    with pytest.raises(ValueError, match="knn_noise_k"):
+        options.check_upstream_overlap(ns, options.Settings(k=8))
+
+
+# --------------------------------------------------------------------------- start-up hook and launcher
+
+
+def run_py(code, env=None, cwd=None, timeout=60):
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, cwd=cwd,
+                          timeout=timeout)
+
+
+def test_pth_line_installs_hook_and_stays_quiet(tmp_path):
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / installer.PTH_NAME).write_text(installer.PTH_LINE)
+    code = textwrap.dedent(f"""
+        import site, sys
+        site.addsitedir({str(site_dir)!r})
+        from kohya_patch import hook
+        print("active", hook.installed(), "torch" in sys.modules)
+        import json, email.parser  # unrelated imports work
+    """)
+    res = run_py(code, env={"PYTHONPATH": str(REPO)})
+    assert res.returncode == 0 and res.stdout.split() == ["active", "True", "False"] and res.stderr == ""
+    # without the pack on sys.path the line is a silent no-op
+    res = run_py(f"import site; site.addsitedir({str(site_dir)!r}); print('ok')", env={"PYTHONPATH": ""},
+                 cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == "ok" and res.stderr == ""
+    res = run_py(code, env={"PYTHONPATH": str(REPO), "IMMISCIBLE_KOHYA_DISABLE": "1"})
+    assert res.stdout.split()[:2] == ["active", "False"]
+
+
+def test_hook_ignores_a_foreign_library_package(tmp_path):
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "__init__.py").write_text("")
+    (tmp_path / "library" / "train_util.py").write_text("def get_noise_noisy_latents_and_timesteps(a, b, c):\n"
+                                                        "    return 1\n")
+    code = ("from kohya_patch import hook; hook.install(); import library.train_util as t; "
+            "print(hasattr(t.get_noise_noisy_latents_and_timesteps, '__immiscible_patched__'))")
+    res = run_py(code, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_launcher_runs_script_as_main_with_its_folder_on_path(tmp_path):
+    (tmp_path / "helper_mod.py").write_text("VALUE = 7\n")
+    (tmp_path / "script.py").write_text(textwrap.dedent("""
+        import sys, helper_mod
+        from kohya_patch import hook
+        print(__name__, sys.argv[1:], helper_mod.VALUE, hook.installed())
+    """))
+    res = subprocess.run([sys.executable, "-m", "kohya_patch.run", str(tmp_path / "script.py"), "--a", "1"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/",
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "__main__ ['--a', '1'] 7 True"
+    res = subprocess.run([sys.executable, "-m", "kohya_patch.run", str(tmp_path / "nope.py")], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/", timeout=60)
+    assert res.returncode == 2 and "no such script" in res.stderr
+
+
+# --------------------------------------------------------------------------- installer
+
+
+def fake_sd_scripts(root: Path, noise_body="    noise = torch.randn_like(latents, device=latents.device)\n"):
+    lib = root / "library"
+    lib.mkdir(parents=True)
+    (lib / "train_util.py").write_text(
+        "def add_training_arguments(parser, support_dreambooth): pass\n"
+        "def read_config_from_file(args, parser): pass\n"
+        "def verify_training_args(args): pass\n"
+        "def get_sai_model_spec(state_dict, args, sdxl, lora, ti): pass\n"
+        "def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):\n" + noise_body)
+    for name in ("flux_train_utils", "lumina_train_util"):
+        (lib / f"{name}.py").write_text(
+            "def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype): pass\n")
+    (lib / "sd3_train_utils.py").write_text("def get_noisy_model_input_and_timesteps(args, latents, x, d, t): pass\n")
+    (root / "train_control_net.py").write_text("def train(args):\n    noise = torch.randn_like(latents)\n")
+    return root
+
+
+def test_patch_point_report_reads_sources_statically(tmp_path):
+    rows = {label: (ok, detail) for label, ok, detail in installer.patch_point_report(fake_sd_scripts(tmp_path))}
+    assert len(rows) == len(installer.PATCH_POINTS)
+    assert rows["train_util.get_noise_noisy_latents_and_timesteps"] == (True, "library/train_util.py:5")
+    assert rows["sd3_train_utils.get_noisy_model_input_and_timesteps"][0] is False
+    assert "noise" in rows["sd3_train_utils.get_noisy_model_input_and_timesteps"][1]
+
+
+def test_patch_point_report_notices_a_changed_noise_draw(tmp_path):
+    root = fake_sd_scripts(tmp_path, noise_body="    noise = torch.randn(latents.shape)\n")
+    rows = {label: ok for label, ok, _ in installer.patch_point_report(root)}
+    assert rows["train_util.get_noise_noisy_latents_and_timesteps"] is False
+
+
+def test_installer_refuses_a_non_sd_scripts_folder(tmp_path, capsys):
+    assert installer.main(sd_scripts=str(tmp_path), python=sys.executable) == 2
+    assert "must name a kohya-ss/sd-scripts checkout" in capsys.readouterr().out
+
+
+def test_check_and_uninstall_report_without_side_effects(tmp_path, capsys, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.setattr(installer, "probe", lambda python: {
+        "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
+        "hook_active": False, "dist": None, "torch": "2.x"})
+    assert installer.main(sd_scripts=str(fake_sd_scripts(tmp_path / "sd")), check=True) == 1  # hook missing
+    out = capsys.readouterr().out
+    assert "MISSING" in out and "not a git checkout" in out
+    (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
+    assert installer.main(uninstall=True) == 0
+    assert installer.main(uninstall=True) == 0  # idempotent
+    assert not any(site.iterdir())
