@@ -15,6 +15,7 @@
 #           EXT_DIR/cache/tokenizer/openai_clip-vit-large-patch14/
 #           EXT_DIR/cache/sd15_random.safetensors (~2.1 GB, ~11 GB peak RAM while built)
 #           EXT_DIR/cache/train_images/{000..003}.png + .txt  (64x64)
+#           EXT_DIR/cache/train_images.toml       (sd-scripts --dataset_config for them; batch 2, 64 px)
 # Prints `export` lines at the end (stdout); everything else goes to stderr, so
 #   eval "$(scripts/setup_integration.sh /work/ext)"
 # works. Memory-heavy steps run under `flock /tmp/immiscible-heavy.lock`.
@@ -116,6 +117,23 @@ for i, cap in enumerate(captions):
     made += 1
 print(f"[setup_integration] train images: {out} ({made} new)")
 PYEOF
+# sd-scripts' --train_data_dir wants N_name subfolders; a --dataset_config TOML takes the flat folder.
+DATASET_TOML=$CACHE/train_images.toml
+cat > "$DATASET_TOML.tmp" <<EOF2
+[general]
+caption_extension = ".txt"
+resolution = 64
+batch_size = 2
+enable_bucket = false
+shuffle_caption = false
+
+[[datasets]]
+
+  [[datasets.subsets]]
+  image_dir = "$IMAGES"
+  num_repeats = 1
+EOF2
+mv "$DATASET_TOML.tmp" "$DATASET_TOML"
 
 # ---- exports ---------------------------------------------------------------------------------
 cat <<EOF2
