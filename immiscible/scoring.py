@@ -14,16 +14,23 @@ import torch
 
 Filler = Callable[[torch.Tensor, list], torch.Tensor]
 
-#: Default size of one candidate buffer. Peak extra memory of the torch backend is about
-#: this buffer plus the output noise (B*D floats) and O(B*k) scores.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: Default size of one candidate buffer. Peak extra memory of the torch backend is one buffer,
+#: at most this and at most an eighth of one sample's candidates (but 32 rows), plus the output
+#: noise (B*D floats) and O(B*k) scores: it never grows with k.
+DEFAULT_CHUNK_BYTES = 8 * 2**20
+MIN_CHUNK_ROWS = 32
+SMALL_CHUNK_BYTES = 2**20  # a buffer this small is never worth splitting further
 
 
-def rows_per_chunk(numel: int, chunk_bytes: int | None) -> int:
-    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-    if budget < 1:
+def rows_per_chunk(numel: int, chunk_bytes: int | None, candidates_per_sample: int) -> int:
+    """Candidates per buffer: within ``chunk_bytes`` and, by default, an eighth of one sample's."""
+    if chunk_bytes is None:
+        budget = DEFAULT_CHUNK_BYTES // (4 * numel)
+        floor = max(MIN_CHUNK_ROWS, SMALL_CHUNK_BYTES // (4 * numel), -(-candidates_per_sample // 8))
+        return max(1, min(budget, floor))
+    if int(chunk_bytes) < 1:
         raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes}")
-    return max(1, budget // (4 * numel))
+    return max(1, int(chunk_bytes) // (4 * numel))
 
 
 def _score_block(buf: torch.Tensor, x: torch.Tensor, x_sq: torch.Tensor, x_norm: torch.Tensor):
@@ -39,27 +46,34 @@ def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None
     """Squared distances and cosines ``[B, k]`` from each latent ``x[b]`` to its own candidates.
 
     ``x`` is fp32 ``[B, D]``; ``fill(buf, rows)`` writes candidates ``rows = [(b, j), ...]``.
+    A chunk holds either several whole samples' candidates (small ``k``) or a slice of one's.
     """
     batch, numel = x.shape
-    cap = min(k, rows_per_chunk(numel, chunk_bytes))
-    buf = torch.empty(cap, numel, dtype=torch.float32, device=x.device)
+    cap = rows_per_chunk(numel, chunk_bytes, k)
+    per_sample = min(k, cap)
+    samples = max(1, cap // k)
+    buf = torch.empty(min(batch, samples) * per_sample, numel, dtype=torch.float32, device=x.device)
     dist = torch.empty(batch, k, dtype=torch.float32, device=x.device)
     cos = torch.empty_like(dist)
     x_sq = torch.linalg.vector_norm(x, dim=1).square()
     x_norm = x_sq.sqrt()
-    for b in range(batch):
-        for j0 in range(0, k, cap):
-            j1 = min(k, j0 + cap)
-            block = fill(buf[: j1 - j0], [(b, j) for j in range(j0, j1)])
-            d, c = _score_block(block, x[b : b + 1], x_sq[b : b + 1], x_norm[b : b + 1])
-            dist[b, j0:j1], cos[b, j0:j1] = d[0], c[0]
+    for b0 in range(0, batch, samples):
+        b1 = min(batch, b0 + samples)
+        for j0 in range(0, k, per_sample):
+            j1 = min(k, j0 + per_sample)
+            rows = [(b, j) for b in range(b0, b1) for j in range(j0, j1)]
+            block = fill(buf[: len(rows)], rows).view(b1 - b0, j1 - j0, numel)
+            n_sq = torch.linalg.vector_norm(block, dim=2).square()              # [nb, nj]
+            dots = torch.bmm(block, x[b0:b1, :, None])[..., 0]                  # [nb, nj]
+            dist[b0:b1, j0:j1] = (x_sq[b0:b1, None] + n_sq - 2.0 * dots).clamp_min_(0.0)
+            cos[b0:b1, j0:j1] = dots / (x_norm[b0:b1, None] * n_sq.sqrt()).clamp_min(1e-30)
     return dist, cos
 
 
 def pool_distances(x: torch.Tensor, pool_size: int, fill: Filler, chunk_bytes: int | None = None):
     """Squared distances and cosines ``[B, pool_size]`` from every latent to every pool member."""
     batch, numel = x.shape
-    cap = min(pool_size, rows_per_chunk(numel, chunk_bytes))
+    cap = min(pool_size, rows_per_chunk(numel, chunk_bytes, pool_size))
     buf = torch.empty(cap, numel, dtype=torch.float32, device=x.device)
     dist = torch.empty(batch, pool_size, dtype=torch.float32, device=x.device)
     cos = torch.empty_like(dist)

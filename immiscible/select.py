@@ -173,7 +173,7 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
     return_info : bool
         Also return a :class:`SelectionInfo`.
     chunk_bytes : int, optional
-        Size of one candidate buffer (default 64 MiB). The result does not depend on it.
+        Size of one candidate buffer (default: at most 8 MiB and an eighth of one sample's candidates). The result does not depend on it.
 
     Returns
     -------
