@@ -15,22 +15,24 @@ SHAPES = [(3, 4, 8, 8), (2, 4, 3, 6, 6), (2, 3, 5, 7)]  # 4-D, 5-D video, D not 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _latents(shape, dtype, seed=0):
+def _latents(shape, dtype, seed=0, backend="torch"):
+    """Latents on the backend's device: CUDA for triton when there is a GPU, else the interpreter's CPU."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 1.3 + 0.2).to(dtype)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return (torch.randn(shape, generator=g) * 1.3 + 0.2).to(dtype).to(device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_knn_picks_the_fp64_argmin(backend, shape, dtype):
-    latents = _latents(shape, dtype)
+    latents = _latents(shape, dtype, backend=backend)
     noise, info = immiscible.select_noise(latents, 7, seed=11, backend=backend, return_info=True)
     cands = immiscible.candidates(latents, 7, seed=11, backend=backend)
     assert cands.shape == (shape[0], 7, *shape[1:]) and cands.dtype == torch.float32
     dist = fp64_distances_knn(latents, cands)
     assert torch.equal(info.index, dist.argmin(1))
-    chosen = cands[torch.arange(shape[0]), info.index]
+    chosen = cands[torch.arange(shape[0], device=cands.device), info.index]
     assert noise.shape == latents.shape and noise.dtype == dtype
     assert torch.equal(noise, chosen.to(dtype))
     picked = dist.gather(1, info.index[:, None])[:, 0]
@@ -45,14 +47,14 @@ def test_knn_picks_the_fp64_argmin(backend, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 3])
 def test_assign_matches_scipy(backend, shape, dtype, k):
-    latents = _latents(shape, dtype, seed=1)
+    latents = _latents(shape, dtype, seed=1, backend=backend)
     noise, info = immiscible.select_noise(latents, k, seed=5, mode="assign", backend=backend, return_info=True)
     pool = immiscible.candidates(latents, k, seed=5, mode="assign", backend=backend)
     assert pool.shape == (k * shape[0], *shape[1:])
     cost = fp64_distances_pool(latents, pool)
-    rows, cols = linear_sum_assignment(cost.numpy())
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
     assert info.index.unique().numel() == shape[0], "pairing must use distinct pool members"
-    assert torch.equal(info.index[torch.from_numpy(rows)], torch.from_numpy(cols).long())
+    assert torch.equal(info.index.cpu()[torch.from_numpy(rows)], torch.from_numpy(cols).long())
     assert torch.equal(noise, pool[info.index].to(dtype))
 
 
@@ -130,7 +132,7 @@ def test_triton_failure_falls_back_to_torch_and_warns_once(monkeypatch, caplog):
 
     monkeypatch.setattr(philox_knn, "knn_partial_scores", broken)
     monkeypatch.setattr(select_mod, "_warned_fallback", False)
-    latents = _latents((2, 4, 8, 8), torch.float32)
+    latents = _latents((2, 4, 8, 8), torch.float32, backend="triton")
     expected = immiscible.select_noise(latents, 6, seed=1, backend="torch")
     with caplog.at_level(logging.WARNING, logger="immiscible.select"):
         for _ in range(3):
@@ -144,6 +146,7 @@ def test_auto_backend_on_cpu_is_torch():
     assert immiscible.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the interpreter is not in use")
 def test_triton_on_cpu_without_interpreter_is_rejected(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):

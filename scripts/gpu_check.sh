@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU check, for a lent CUDA machine (about 2-4 minutes):
+#   1. the test suite with the Triton kernels compiled (TRITON_INTERPRET unset), CUDA-only tests included;
+#   2. python -m immiscible.bench --quick on CUDA, JSON included.
+# Logs and JSON go to $OUT (or ./gpu-check-out); a short table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+} 2>&1 | tee "$OUT/device.txt"
+
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_select.py tests/test_triton_kernel.py \
+    tests/test_statistics.py 2>&1 | tee "$OUT/pytest.log"
+test_rc=${PIPESTATUS[0]}
+
+timeout 240 $PY -m immiscible.bench --quick --device cuda --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo
+echo "== gpu_check summary =="
+head -n 2 "$OUT/device.txt"
+tail -n 1 "$OUT/pytest.log"
+sed -n '/^  B /,$p' "$OUT/bench.log" | grep -E '^ +16 +256 +65536|^  B |fp16' || tail -n 20 "$OUT/bench.log"
+echo "tests rc=$test_rc bench rc=$bench_rc; files in $OUT"
+exit $(( test_rc || bench_rc ))
