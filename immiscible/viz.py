@@ -212,7 +212,8 @@ def format_stats(data: PreviewData) -> str:
 
 def _image_rows(fig, grid, data: PreviewData, rows: int):
     scaled = "" if data.noisy_display_scale == 1.0 else f" x{data.noisy_display_scale:.2g}"
-    titles = ["latent", "random noise", "assigned noise", f"noised, random (t={data.t:g}){scaled}",
+    frame = " (middle frame)" if data.latents.dim() == 5 else ""
+    titles = [f"latent{frame}", "random noise", "assigned noise", f"noised, random (t={data.t:g}){scaled}",
               f"noised, assigned (t={data.t:g}){scaled}"]
     tensors = [data.latents, data.random_noise, data.assigned_noise,
                data.noisy_random * data.noisy_display_scale, data.noisy_assigned * data.noisy_display_scale]

@@ -279,3 +279,28 @@ def test_auto_formats():
     assert core.latent_space(torch.zeros(1, 16, 8, 8)).flow
     assert not core.latent_space(torch.zeros(1, 4, 8, 8)).flow
     assert core.sd_sigma(1.0) == pytest.approx(14.61, abs=0.02)
+
+
+# --------------------------------------------------------------------------- example workflows
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "example_workflows").glob("*.json")), ids=lambda p: p.name)
+def test_example_workflows_are_consistent(nodes, path):
+    import json
+
+    wf = json.loads(path.read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for lid, src, slot, dst, dst_slot, typ in wf["links"]:
+        assert lid in by_id[src]["outputs"][slot]["links"]
+        assert by_id[dst]["inputs"][dst_slot]["link"] == lid
+        assert by_id[src]["outputs"][slot]["type"] == typ
+    ours = {n.define_schema().node_id: n.define_schema() for n in nodes.NODES}
+    used = [n for n in wf["nodes"] if n["type"] in ours]
+    assert used
+    for node in used:
+        schema = ours[node["type"]]
+        widgets = [p for p in schema.inputs if p.__class__.__name__ != "_Port" or p.id in ("k", "seed", "t")]
+        expected = len(widgets) + 1  # + the seed's control_after_generate value
+        assert len(node["widgets_values"]) == expected, node["type"]
+        sockets = {i["name"] for i in node["inputs"]}
+        assert sockets <= {p.id for p in schema.inputs}
