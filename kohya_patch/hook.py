@@ -15,11 +15,18 @@ import sys
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "IMMISCIBLE_KOHYA_DISABLE"
-TARGETS = frozenset({"library.train_util", "library.flux_train_utils", "library.sd3_train_utils",
-                     "library.lumina_train_util"})
+#: Module -> an attribute only sd-scripts' version of it has (checked before anything heavy is imported).
+TARGETS = {
+    "library.train_util": "add_training_arguments",
+    "library.flux_train_utils": "get_noisy_model_input_and_timesteps",
+    "library.sd3_train_utils": "get_noisy_model_input_and_timesteps",
+    "library.lumina_train_util": "get_noisy_model_input_and_timesteps",
+}
 
 
 def _patch(module) -> None:
+    if not hasattr(module, TARGETS.get(getattr(module, "__name__", ""), "\0")):
+        return  # some other project's `library` package: leave it alone
     try:
         from . import patches
 

@@ -255,9 +255,12 @@ def start_up(args, parser=None) -> Settings:
         settings = settings_from_args(args)
         check_upstream_overlap(args, settings)
     except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        if getattr(args, "config_file", None):
+            msg += f" (set in --config_file {args.config_file} or on the command line)"
         if fail:
-            fail(str(exc))
-        raise ValueError(str(exc)) from exc
+            fail(msg)
+        raise ValueError(msg) from exc
     script = running_script()
     needed = SCRIPT_POINTS.get(script)
     if needed == _CN:
