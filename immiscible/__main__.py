@@ -68,8 +68,10 @@ def demo_config(args):
     from .experiment import preset
 
     cfg = preset(args.preset)
-    train = replace(cfg.train, **{k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None})
-    cfg = replace(cfg, train=train, **{k: getattr(args, k) for k in _DEMO_KEYS if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
+    train = replace(cfg.train, **given)
+    per_dataset = {d: {k: v for k, v in changes.items() if k not in given} for d, changes in cfg.dataset_train.items()}
+    cfg = replace(cfg, train=train, dataset_train=per_dataset, **{k: getattr(args, k) for k in _DEMO_KEYS if getattr(args, k) is not None})
     if args.no_library_timing:
         cfg = replace(cfg, library_timing=False)
     return cfg.validate()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -37,15 +38,19 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
     """
     cfg = cfg.validate()
     start = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    n_runs = len(cfg.datasets) * len(cfg.objectives) * len(cfg.arms) * cfg.seeds
-    logger.info("demo: %d runs of %d steps", n_runs, cfg.train.steps)
-    with _bar(n_runs * cfg.train.steps, f"train {n_runs} runs", progress) as bar:
+    per_dataset = len(cfg.objectives) * len(cfg.arms) * cfg.seeds
+    n_runs = len(cfg.datasets) * per_dataset
+    total_steps = sum(cfg.train_for(d).steps for d in cfg.datasets) * per_dataset
+    logger.info("demo: %d runs, %d training steps in all", n_runs, total_steps)
+    with _bar(total_steps, f"train {n_runs} runs", progress) as bar:
         runs = run_grid(cfg, progress=bar.update)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
     cells = len(cfg.effect_dims) * (len(cfg.effect_ks) + 1)
     with _bar(cells, "effect-size table", progress) as bar:
         effect = effect_table(cfg.effect_dims, cfg.effect_ks, progress=bar.update)
     library_ms = library_timings(cfg) if cfg.library_timing else {}
+    torch.set_num_threads(threads)
 
     run_dicts = [r.to_dict() for r in runs]
     summary = stats.aggregate(run_dicts)
@@ -54,11 +59,12 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
         "config": config_dict(cfg),
         "environment": environment(cfg),
         "quality_kind": {d: load_dataset(d).quality for d in cfg.datasets},
-        "floors": {d: quality_floor(d, cfg.train.eval_samples) for d in cfg.datasets},
+        "floors": {d: quality_floor(d, cfg.train_for(d).eval_samples) for d in cfg.datasets},
+        "train_per_dataset": {d: asdict(cfg.train_for(d)) for d in cfg.datasets},
         "library_ms": library_ms,
         "effect": effect,
         "summary": summary,
-        "verdicts": stats.verdicts(summary, cfg.train.steps),
+        "verdicts": stats.verdicts(summary),
         "runs": run_dicts,
     }
     first = cfg.base_seed
@@ -69,7 +75,7 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
     for ds in samples:  # arms in the configured order
         for obj in samples[ds]:
             samples[ds][obj] = {a: samples[ds][obj][a] for a in cfg.arms if a in samples[ds][obj]}
-    references = {d: load_dataset(d).holdout[: cfg.train.eval_samples] for d in cfg.datasets}
+    references = {d: load_dataset(d).holdout[: cfg.train_for(d).eval_samples] for d in cfg.datasets}
     result["wall_seconds"] = time.perf_counter() - start
     result["files"] = write_report(cfg.out, result, samples, references)
     return result

@@ -52,6 +52,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
 def render_markdown(result: dict, figures: dict) -> str:
     cfg, env, summary, rows = result["config"], result["environment"], result["summary"], result["verdicts"]
     t = cfg["train"]
+    per_ds = "; ".join(f"{d}: {v['steps']} steps, MLP {v['depth']}x{v['hidden']}" for d, v in result["train_per_dataset"].items())
     out = ["# Immiscible diffusion A/B demo", ""]
     out += [f"- date: {env['date']}; machine: {env['processor']}, {env['cpu_count']} CPU cores "
             f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)); {env['platform']}; "
@@ -59,7 +60,7 @@ def render_markdown(result: dict, figures: dict) -> str:
             f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s",
             f"- grid: datasets {', '.join(cfg['datasets'])}; objectives {', '.join(cfg['objectives'])}; "
             f"arms {', '.join(cfg['arms'])}; {cfg['seeds']} seeds each (seeds {cfg['base_seed']}..{cfg['base_seed'] + cfg['seeds'] - 1})",
-            f"- equal compute: every run trains {t['steps']} steps at batch {t['batch_size']} (MLP {t['depth']}x{t['hidden']}, "
+            f"- equal compute: every run of a data set trains the same steps at batch {t['batch_size']} ({per_ds}; "
             f"Adam lr {t['lr']}, EMA {t['ema_decay']}); every arm of a seed shares initial weights, data batches and "
             f"diffusion times; evaluation at {t['evals']} checkpoints from the same {t['eval_samples']} starting noises, "
             f"samplers with {', '.join(map(str, t['sampler_steps']))} steps (DDIM for ddpm, Euler for flow)",

@@ -16,6 +16,10 @@ from .pairing import DEFAULT_ARMS, library_select_ms, parse_arm
 from .train import TrainConfig, train_run
 
 
+#: The digits MLP is wider: a 3x128 eps-prediction model samples poorly there (FD ~20 vs ~3 at 3x256).
+DATASET_TRAIN = {"gmm": {"steps": 1000, "hidden": 128}, "digits": {"steps": 1500, "hidden": 256}}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Everything the demo runs; every field is a CLI option of ``python -m immiscible demo``."""
@@ -26,12 +30,18 @@ class DemoConfig:
     seeds: int = 3
     base_seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: per-dataset changes to ``train`` (a CLI training option overrides them for every data set)
+    dataset_train: dict = field(default_factory=lambda: dict(DATASET_TRAIN))
     workers: int = 0                    # 0: one per CPU core, at most 2
     threads: int = 1                    # torch threads per worker
     out: str = "immiscible-report"
     effect_dims: tuple[int, ...] = (2, 64, 3072, 16384, 65536, 262144)
     effect_ks: tuple[int, ...] = (4, 64)
     library_timing: bool = True
+
+    def train_for(self, dataset: str) -> TrainConfig:
+        """The training configuration of ``dataset``: ``train`` with its ``dataset_train`` changes."""
+        return replace(self.train, **self.dataset_train.get(dataset, {}))
 
     def validate(self) -> "DemoConfig":
         for d in self.datasets:
@@ -45,13 +55,17 @@ class DemoConfig:
             raise ValueError("arms must include 'vanilla' (the baseline every verdict compares against)")
         if self.seeds < 2:
             raise ValueError(f"seeds must be >= 2 (a spread is needed for a verdict), got {self.seeds}")
-        t = self.train
+        for t in [self.train_for(d) for d in self.datasets]:
+            self._check_train(t)
+        return replace(self, arms=tuple(dict.fromkeys(arms)),
+                       train=replace(self.train, sampler_steps=tuple(sorted(set(self.train.sampler_steps)))))
+
+    @staticmethod
+    def _check_train(t: TrainConfig) -> None:
         if t.steps < 1 or t.batch_size < 1 or t.evals < 1 or t.eval_samples < 8:
             raise ValueError("steps, batch_size and evals must be >= 1 and eval_samples >= 8")
         if not t.sampler_steps or min(t.sampler_steps) < 1:
             raise ValueError(f"sampler_steps must be positive integers, got {t.sampler_steps}")
-        return replace(self, arms=tuple(dict.fromkeys(arms)),
-                       train=replace(t, sampler_steps=tuple(sorted(set(t.sampler_steps)))))
 
 
 def preset(name: str) -> DemoConfig:
@@ -59,11 +73,13 @@ def preset(name: str) -> DemoConfig:
     if name == "default":
         return DemoConfig()
     if name == "quick":
-        return DemoConfig(seeds=2, train=TrainConfig(steps=300, evals=3, eval_samples=256, sampler_steps=(1, 2, 8, 16)),
+        return DemoConfig(seeds=2, train=TrainConfig(evals=3, eval_samples=256, sampler_steps=(1, 2, 8, 16)),
+                          dataset_train={"gmm": {"steps": 300, "hidden": 64}, "digits": {"steps": 300, "hidden": 128}},
                           effect_dims=(2, 64, 3072, 16384), library_timing=False)
     if name == "tiny":
         return DemoConfig(datasets=("gmm",), arms=("vanilla", "knn-l2-4", "assign"), seeds=2, workers=1,
-                          train=TrainConfig(steps=40, evals=2, eval_samples=64, sampler_steps=(1, 2, 8), log_every=10),
+                          train=TrainConfig(steps=30, hidden=32, evals=2, eval_samples=64, sampler_steps=(1, 2, 8),
+                                            log_every=10), dataset_train={},
                           effect_dims=(2, 64), effect_ks=(4,), library_timing=False)
     raise ValueError(f"preset must be 'default', 'quick' or 'tiny', got {name!r}")
 
@@ -75,6 +91,7 @@ _DATA_CACHE: dict = {}
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # Adam/EMA state goes subnormal on these tiny models: 2-3x slower steps
 
 
 def _run_one(task):
@@ -86,11 +103,11 @@ def _run_one(task):
 
 
 def _tasks(cfg: DemoConfig) -> list:
-    tasks = [(d, o, a, cfg.base_seed + s, cfg.train) for d in cfg.datasets for o in cfg.objectives
+    tasks = [(d, o, a, cfg.base_seed + s, cfg.train_for(d)) for d in cfg.datasets for o in cfg.objectives
              for a in cfg.arms for s in range(cfg.seeds)]
     # Longest first (large k on the larger data set) so the workers finish together.
     cost = {a: parse_arm(a).k for a in cfg.arms}
-    return sorted(tasks, key=lambda t: -(cost[t[2]] * load_dataset_dim(t[0])))
+    return sorted(tasks, key=lambda t: -(t[4].steps * t[4].hidden**2 * (1 + cost[t[2]] * load_dataset_dim(t[0]) / 4096)))
 
 
 def load_dataset_dim(name: str) -> int:
@@ -106,11 +123,14 @@ def run_grid(cfg: DemoConfig, *, progress=None) -> list:
     tasks = _tasks(cfg)
     workers = resolve_workers(cfg.workers)
     if workers == 1:
-        _init_worker(cfg.threads)
-        results = []
-        for task in tasks:
-            results.append(_run_one_with_progress(task, progress))
-        return results
+        threads = torch.get_num_threads()
+        torch.set_flush_denormal(True)
+        try:
+            torch.set_num_threads(cfg.threads)
+            return [_run_one_with_progress(task, progress) for task in tasks]
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_flush_denormal(False)
     import multiprocessing as mp
 
     results = []
@@ -119,7 +139,7 @@ def run_grid(cfg: DemoConfig, *, progress=None) -> list:
         for fut in as_completed([pool.submit(_run_one, t) for t in tasks]):
             results.append(fut.result())
             if progress:
-                progress(cfg.train.steps)
+                progress(results[-1].eval_at[-1])
     return results
 
 
@@ -137,7 +157,7 @@ def library_timings(cfg: DemoConfig) -> dict:
     for d in cfg.datasets:
         for a in cfg.arms:
             arm = parse_arm(a)
-            out[f"{d}/{arm.name}"] = library_select_ms(arm, cfg.train.batch_size, load_dataset_dim(d))
+            out[f"{d}/{arm.name}"] = library_select_ms(arm, cfg.train_for(d).batch_size, load_dataset_dim(d))
     return out
 
 

@@ -58,10 +58,10 @@ def compare(arm_finals, vanilla_finals, eval_at, arm_curve, vanilla_curve) -> di
             "verdict": verdict}
 
 
-def verdict_text(c: dict, steps: int) -> str:
+def verdict_text(c: dict) -> str:
     """One line, e.g. ``better (-12.3%): reaches vanilla's final quality at step 750 (vanilla: 1500)``."""
     pct = f"{100 * c['rel_change']:+.1f}%" if math.isfinite(c["rel_change"]) else "n/a"
-    reach = (f"step {c['reach_step']}" if c["reach_step"] is not None else f"not within {steps} steps")
+    reach = (f"step {c['reach_step']}" if c["reach_step"] is not None else "never")
     vreach = c["vanilla_reach_step"]
     if c["verdict"] == "no significant difference":
         return f"no significant difference ({pct}; reaches vanilla's final at {reach}, vanilla at step {vreach})"
@@ -94,7 +94,7 @@ def _curves(per_seed: list[list[float]]) -> dict:
     return {"mean": a.mean(0).tolist(), "std": std.tolist(), "final": a[:, -1].tolist()}
 
 
-def verdicts(summary: dict, steps: int) -> list[dict]:
+def verdicts(summary: dict) -> list[dict]:
     """Every (dataset, objective, metric, sampler steps, arm) comparison against vanilla."""
     rows = []
     for ds, objs in summary.items():
@@ -110,6 +110,6 @@ def verdicts(summary: dict, steps: int) -> list[dict]:
                         continue
                     c = compare(get(e)["final"], get(van)["final"], e["eval_at"], get(e)["mean"], get(van)["mean"])
                     c.update(dataset=ds, objective=obj, metric=name, sampler_steps=sampler, arm=arm,
-                             text=verdict_text(c, steps))
+                             text=verdict_text(c))
                     rows.append(c)
     return rows

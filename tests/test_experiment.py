@@ -1,0 +1,184 @@
+"""The demo's building blocks, and that a run produces every report file."""
+import json
+import os
+
+import pytest
+import torch
+
+import immiscible
+from immiscible.experiment import diffusion, stats
+from immiscible.experiment.data import gaussian_mixture, load_dataset
+from immiscible.experiment.models import MLPDenoiser
+from immiscible.experiment.pairing import Arm, assign_pool, nearest_candidate, pair_noise, parse_arm
+from immiscible.experiment.train import TrainConfig, checkpoints, train_run
+
+pytest.importorskip("scipy")
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nearest_candidate_matches_the_library(metric):
+    latents = torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    cands = immiscible.candidates(latents, 16, seed=7, backend="torch")
+    _, info = immiscible.select_noise(latents, 16, seed=7, metric=metric, backend="torch", return_info=True)
+    ours = nearest_candidate(latents.flatten(1), cands.flatten(2), metric)
+    assert torch.equal(ours, info.index)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_assign_pool_matches_the_library(metric):
+    latents = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(1))
+    pool = immiscible.candidates(latents, 2, seed=3, mode="assign", backend="torch")
+    _, info = immiscible.select_noise(latents, 2, seed=3, mode="assign", metric=metric, backend="torch",
+                                      return_info=True)
+    assert torch.equal(assign_pool(latents.flatten(1), pool.flatten(1), metric), info.index)
+
+
+def test_pair_noise_arms():
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    van = pair_noise(x, Arm("vanilla"), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(van, torch.randn(32, 8, generator=torch.Generator().manual_seed(1)))
+    knn = pair_noise(x, Arm("knn", 64), generator=torch.Generator().manual_seed(1))
+    assert (x - knn).square().sum() < (x - van).square().sum()
+    gen = torch.Generator().manual_seed(2)
+    perm = pair_noise(x, Arm("assign", 1), generator=gen)
+    pool = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+    # k = 1: a permutation of the batch's own noise
+    assert torch.equal(torch.sort(perm.flatten()).values, torch.sort(pool.flatten()).values)
+
+
+@pytest.mark.parametrize("text, arm", [
+    ("vanilla", Arm("vanilla")), ("knn-l2-64", Arm("knn", 64, "l2")), ("knn-cosine-4", Arm("knn", 4, "cosine")),
+    ("assign", Arm("assign", 1, "l2")), ("assign-cosine", Arm("assign", 1, "cosine")), ("ASSIGN-l2-2", Arm("assign", 2)),
+])
+def test_parse_arm(text, arm):
+    assert parse_arm(text) == arm
+    assert parse_arm(arm.name) == arm
+
+
+@pytest.mark.parametrize("bad", ["knn", "knn-l1-4", "knn-l2-0", "random", ""])
+def test_parse_arm_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_arm(bad)
+
+
+# --------------------------------------------------------------------------- samplers and data
+
+
+def test_samplers_are_exact_for_the_exact_field_of_a_point_mass():
+    c = torch.tensor([[0.5, -1.0, 2.0]])
+    noise = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    alpha_bar = diffusion.ddpm_alpha_bar()
+
+    def velocity(x, t):      # flow: x_t = (1 - t) c + t n  ->  v = n - c = (x - c) / t
+        return (x - c) / t[:, None]
+
+    def epsilon(x, t):       # ddpm: x_t = sqrt(ab) c + sqrt(1 - ab) eps
+        ab = alpha_bar[(t * diffusion.DDPM_T).round().long()][:, None]
+        return (x - ab.sqrt() * c) / (1 - ab).sqrt()
+
+    for steps in (1, 2, 8):
+        assert torch.allclose(diffusion.sample_euler(velocity, noise, steps), c.expand(5, 3), atol=1e-5)
+        assert torch.allclose(diffusion.sample_ddim(epsilon, noise, steps, alpha_bar), c.expand(5, 3), atol=1e-4)
+
+
+def test_alpha_bar_is_sd_scaled_linear():
+    ab = diffusion.ddpm_alpha_bar()
+    assert ab.shape == (1000,)
+    assert float(ab[-1]) == pytest.approx(0.0047, abs=2e-4)
+
+
+def test_datasets_are_fixed():
+    a = gaussian_mixture(100, generator=torch.Generator().manual_seed(0))
+    b = gaussian_mixture(100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (100, 2)
+    gmm = load_dataset("gmm")
+    assert gmm.dim == 2 and gmm.quality == "w2"
+    with pytest.raises(ValueError):
+        load_dataset("cifar")
+
+
+def test_digits_dataset():
+    pytest.importorskip("sklearn")
+    d = load_dataset("digits")
+    assert d.dim == 64 and d.quality == "fd"
+    assert d.train.min() >= -1 and d.train.max() <= 1
+    assert d.train.shape[0] + d.holdout.shape[0] == 1797
+    assert d.features(d.holdout).shape == (d.holdout.shape[0], 16)
+
+
+# --------------------------------------------------------------------------- training and verdicts
+
+
+def test_training_is_seeded_and_leaves_the_global_rng_alone():
+    data = load_dataset("gmm")
+    cfg = TrainConfig(steps=12, hidden=16, evals=2, eval_samples=32, sampler_steps=(1, 4), log_every=4)
+    state = torch.random.get_rng_state()
+    r1 = train_run(data, "flow", parse_arm("knn-l2-4"), 3, cfg)
+    assert torch.equal(state, torch.random.get_rng_state())
+    r2 = train_run(data, "flow", parse_arm("knn-l2-4"), 3, cfg)
+    assert r1.quality == r2.quality and r1.train_loss == r2.train_loss
+    assert r1.eval_at == [6, 12] and set(r1.quality) == {"1", "4"}
+    assert MLPDenoiser(2, hidden=8, generator=torch.Generator().manual_seed(0))(torch.zeros(3, 2), torch.zeros(3)).shape == (3, 2)
+
+
+def test_checkpoints():
+    assert checkpoints(100, 4) == [25, 50, 75, 100]
+    assert checkpoints(3, 8) == [1, 2, 3]
+
+
+def test_verdict_rule():
+    eval_at = [100, 200, 300]
+    van_curve, van_final = [3.0, 2.0, 1.0], [0.9, 1.0, 1.1]
+    better = stats.compare([0.4, 0.5, 0.6], van_final, eval_at, [2.0, 0.9, 0.5], van_curve)
+    assert better["verdict"] == "better" and better["reach_step"] == 200 and better["vanilla_reach_step"] == 300
+    same = stats.compare([0.8, 1.0, 1.2], van_final, eval_at, [3.0, 2.0, 1.0], van_curve)
+    assert same["verdict"] == "no significant difference"
+    worse = stats.compare([2.0, 2.1, 2.2], van_final, eval_at, [3, 2.5, 2.1], van_curve)
+    assert worse["verdict"] == "worse" and worse["reach_step"] is None
+    assert "never" in stats.verdict_text(worse)
+
+
+# --------------------------------------------------------------------------- the whole demo
+
+
+@pytest.mark.slow
+def test_demo_writes_every_report_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    from immiscible.__main__ import main
+    from immiscible.experiment.report import expected_files
+
+    out = tmp_path / "report"
+    assert main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+    for name in expected_files(["gmm"]):
+        assert (out / name).is_file() and os.path.getsize(out / name) > 0, name
+    result = json.loads((out / "results.json").read_text())
+    keys = {(v["objective"], v["metric"]) for v in result["verdicts"]}
+    assert keys == {(o, m) for o in ("ddpm", "flow") for m in ("quality@1", "quality@2", "quality@8", "straightness")}
+    assert len(result["runs"]) == 2 * 3 * 2
+    text = (out / "report.md").read_text()
+    assert "## Verdicts" in text and "mean ± std" in text
+
+
+def test_cli_overrides_and_validation():
+    from immiscible.__main__ import build_parser, demo_config
+
+    args = build_parser().parse_args(["demo", "--quick", "--steps", "7", "--arms", "vanilla,knn-l2-4",
+                                      "--datasets", "gmm", "--sampler-steps", "4,1"])
+    cfg = demo_config(args)
+    assert cfg.train_for("gmm").steps == 7 and cfg.arms == ("vanilla", "knn-l2-4") and cfg.seeds == 2
+    assert cfg.train.sampler_steps == (1, 4)
+    with pytest.raises(ValueError):
+        demo_config(build_parser().parse_args(["demo", "--arms", "knn-l2-4"]))   # no vanilla
+    with pytest.raises(ValueError):
+        demo_config(build_parser().parse_args(["demo", "--seeds", "1"]))
+
+
+def test_effect_command(capsys):
+    from immiscible.__main__ import main
+
+    assert main(["effect", "--dims", "2,64", "--ks", "4", "--assign-batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 5 and "| 64 | knn | l2 | 4 |" in out
