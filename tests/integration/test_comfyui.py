@@ -42,8 +42,8 @@ RUN_TIMEOUT = float(os.environ.get("IMMISCIBLE_COMFY_RUN_TIMEOUT", "600"))
 
 
 def _checkpoint() -> Path | None:
-    for cand in (os.environ.get("IMMISCIBLE_CKPT"),
-                 os.environ.get("IMMISCIBLE_CACHE") and Path(os.environ["IMMISCIBLE_CACHE"]) / "sd15_random.safetensors",
+    cache = os.environ.get("IMMISCIBLE_CACHE")
+    for cand in (os.environ.get("IMMISCIBLE_CKPT"), cache and Path(cache) / "sd15_random.safetensors",
                  "/work/ext/cache/sd15_random.safetensors"):
         if cand and Path(cand).is_file():
             return Path(cand)
@@ -168,7 +168,8 @@ def comfy(tmp_path_factory):
         f"    checkpoints: models/checkpoints\n")
     port = _free_port()
     cmd = ["flock", LOCK, PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--front-end-root", str(root / "frontend"), "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
+           "--front-end-root", str(root / "frontend"),
+           "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
            "--database-url", f"sqlite:///{root / 'comfy.db'}", "--disable-api-nodes", "--disable-auto-launch",
            "--input-directory", str(root / "input"), "--output-directory", str(root / "output"),
            "--temp-directory", str(root), "--user-directory", str(root / "user")]

@@ -207,6 +207,46 @@ def probe_sd_noise():
     _emit(out)
 
 
+def probe_validation():
+    """The real ``NetworkTrainer.get_noise_pred_and_target``: training selects, validation stays stock."""
+    import contextlib
+    import importlib
+
+    import torch
+
+    _setup()
+    import immiscible
+
+    tn = importlib.import_module("train_network")
+
+    class Trainer(tn.NetworkTrainer):
+        def call_unet(self, args, accelerator, unet, noisy_latents, *a, **kw):
+            return torch.zeros_like(noisy_latents)
+
+    class Accelerator:
+        autocast = staticmethod(contextlib.nullcontext)
+
+    out = {}
+    latents = _latents()
+    for flags in ([], ["--immiscible_validation"]):
+        args, sched = _sd_setup(True, ["--immiscible_k", "8"] + flags)
+        tn.train_util.verify_training_args(args)
+        targets = {}
+        for is_train in (True, False):
+            _seed_all(5)
+            targets[is_train] = Trainer().get_noise_pred_and_target(
+                args, Accelerator(), sched, latents, {}, [None], None, None, torch.float32, True, is_train=is_train)[1]
+        _seed_all(5)
+        selected = immiscible.select_noise(latents, 8)
+        _seed_all(5)
+        stock = torch.randn_like(latents)
+        key = "validation_flag" if flags else "default"
+        out[key] = {"train_selected": bool(torch.equal(targets[True], selected)),
+                    "validation_selected": bool(torch.equal(targets[False], selected)),
+                    "validation_stock": bool(torch.equal(targets[False], stock))}
+    _emit(out)
+
+
 def probe_sd_dump(dest, patched):
     """Outputs and RNG states at k == 1 (patched) or with no pack at all (unpatched), for comparison."""
     import random
@@ -334,6 +374,12 @@ if __name__ != "__main__":
         for case, checks in r.items():
             for check, ok in checks.items():
                 assert ok in (True, None), (case, check)
+
+    def test_validation_passes_keep_stock_noise_unless_asked():
+        r = run_probe("probe_validation")
+        assert r["default"] == {"train_selected": True, "validation_selected": False, "validation_stock": True}
+        assert r["validation_flag"] == {"train_selected": True, "validation_selected": True,
+                                        "validation_stock": False}
 
     def test_k1_is_bit_identical_to_an_unpatched_interpreter(tmp_path):
         import torch
