@@ -56,7 +56,8 @@ def add_immiscible_arguments(parser: argparse.ArgumentParser) -> None:
         "--immiscible_k",
         type=int,
         default=1,
-        help="Immiscible Diffusion: pair each latent with the nearest of K Gaussian noise candidates; 1 = off (default). "
+        help="Immiscible Diffusion: pair each latent with the nearest of K Gaussian noise candidates; "
+        "1 = off (default). "
         "Recommended 64 for SD1.x/SD2.x/SDXL, 4 for flow-matching models (FLUX, SD3, Lumina) "
         "/ Immiscible Diffusion：各latentをK個のガウスノイズ候補のうち最も近いものと組み合わせる。1で無効（デフォルト）。"
         "SD1.x/SD2.x/SDXLは64、flow matchingモデル（FLUX、SD3、Lumina）は4を推奨",
@@ -66,7 +67,8 @@ def add_immiscible_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default="knn",
         choices=MODES,
-        help="knn: nearest of K candidates per sample, works at batch size 1 (recommended, Improved Immiscible Diffusion); "
+        help="knn: nearest of K candidates per sample, works at batch size 1 "
+        "(recommended, Improved Immiscible Diffusion); "
         "assign: linear assignment of the batch to a pool of K x batch candidates (original paper, needs scipy) "
         "/ knn：サンプルごとにK個の候補から最も近いものを選ぶ。バッチサイズ1でも有効（推奨）。"
         "assign：K×バッチ個の候補プールにバッチを線形割り当てする（原論文。scipyが必要）",
@@ -76,7 +78,8 @@ def add_immiscible_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default="l2",
         choices=METRICS,
-        help="distance used to choose the noise: l2 (default, as in the papers) or cosine (keeps the noise norm exactly Gaussian) "
+        help="distance used to choose the noise: l2 (default, as in the papers) "
+        "or cosine (keeps the noise norm exactly Gaussian) "
         "/ ノイズ選択に使う距離：l2（デフォルト、論文と同じ）またはcosine（ノイズのノルムをガウス分布のまま保つ）",
     )
     parser.add_argument(

@@ -163,7 +163,8 @@ LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(123))
 def test_hook_patches_all_points(fake_library):
     tu, flux, _ = fake_library
     for fn in (tu.add_training_arguments, tu.read_config_from_file, tu.verify_training_args,
-               tu.get_sai_model_spec, tu.get_noise_noisy_latents_and_timesteps, flux.get_noisy_model_input_and_timesteps):
+               tu.get_sai_model_spec, tu.get_noise_noisy_latents_and_timesteps,
+               flux.get_noisy_model_input_and_timesteps):
         assert getattr(fn, patches.MARK, False), fn
     assert patches.STATUS["train_util.get_noise_noisy_latents_and_timesteps"] is True
     hook.install()  # idempotent: no double wrapping

@@ -309,7 +309,10 @@ def probe_flow():
         _seed_all(3)
         torch.randn_like(latents)
         want = immiscible.select_noise(latents, 4)
-        rebuilt = (1.0 - sigmas) * latents + sigmas * noise if name != "sd3" else sigmas * noise + (1.0 - sigmas) * latents
+        if name == "sd3":
+            rebuilt = sigmas * noise + (1.0 - sigmas) * latents
+        else:
+            rebuilt = (1.0 - sigmas) * latents + sigmas * noise
         out[name] = {
             "patched": bool(getattr(helper, "__immiscible_patched__", False)),
             "in_place": noise.data_ptr() == ptr,
