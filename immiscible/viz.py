@@ -264,19 +264,22 @@ def _histogram_panel(ax, data: PreviewData, max_samples: int):
     shown = min(len(rel), max_samples)
     bins = np.linspace(min(rel[:shown].min(), rand_rel[:shown].min()), max(rel[:shown].max(), rand_rel[:shown].max()),
                        min(40, max(8, rel.shape[1] // 2)) + 1)
+    top = ax.get_xaxis_transform()  # x in data units, y in axes units
     for b in range(shown):
         color = cmap(b % 10)
         ax.hist(rel[b], bins=bins, histtype="step", color=color, lw=1.2, label=f"sample {b}")
-        ax.axvline(rel[b, chosen[b]], color=color, lw=2, ls="-")
-        ax.axvline(rand_rel[b], color=color, lw=1, ls=":")
-    pad = 0.04 * (bins[-1] - bins[0] or 1.0)
+        ax.axvline(rel[b, chosen[b]], color=color, lw=2, ls="-", alpha=0.8)
+        ax.plot(rel[b, chosen[b]], 1.0, marker="v", ms=9, color=color, transform=top, clip_on=False)
+        ax.axvline(rand_rel[b], color=color, lw=1.2, ls=":")
+        ax.plot(rand_rel[b], 1.0, marker="v", ms=8, mfc="white", color=color, transform=top, clip_on=False)
+    pad = 0.06 * (bins[-1] - bins[0] or 1.0)
     ax.set_xlim(bins[0] - pad, bins[-1] + pad)
-    ax.plot([], [], color="gray", lw=2, ls="-", label="chosen (assigned)")
-    ax.plot([], [], color="gray", lw=1, ls=":", label="random noise")
+    ax.plot([], [], color="gray", lw=2, ls="-", marker="v", label="chosen (assigned)")
+    ax.plot([], [], color="gray", lw=1.2, ls=":", marker="v", mfc="white", label="random noise")
     ax.set_xlabel("squared distance to latent, % vs candidate mean", fontsize=8)
     ax.set_ylabel("candidates", fontsize=8)
     n_cand = rel.shape[1]
-    ax.set_title(f"candidate distances ({n_cand} per sample)", fontsize=10)
+    ax.set_title(f"candidate distances ({n_cand} per sample)", fontsize=10, pad=12)
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
     ax.tick_params(labelsize=7)
 

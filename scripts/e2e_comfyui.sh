@@ -15,6 +15,8 @@ export IMMISCIBLE_VENV=${IMMISCIBLE_VENV:-/work/ext/venv/bin/python}
 export IMMISCIBLE_ARTIFACTS=${IMMISCIBLE_ARTIFACTS:-$repo/build/e2e_comfyui}
 py=$repo/.venv/bin/python
 [ -x "$py" ] || py=$IMMISCIBLE_VENV
-echo "[e2e_comfyui] ComfyUI $(git -C "$COMFYUI_DIR" rev-parse --short HEAD 2>/dev/null || echo '(not a git checkout)') at $COMFYUI_DIR"
+ver=$(sed -n "s/^__version__ = \"\(.*\)\"/\1/p" "$COMFYUI_DIR/comfyui_version.py" 2>/dev/null || true)
+rev=$(git -C "$COMFYUI_DIR" rev-parse --short HEAD 2>/dev/null || echo "not a git checkout")
+echo "[e2e_comfyui] ComfyUI ${ver:-?} ($rev) at $COMFYUI_DIR"
 cd "$repo"
 exec "$py" -m pytest tests/integration/test_comfyui.py -v -s -p no:cacheprovider "$@"
