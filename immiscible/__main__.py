@@ -26,7 +26,8 @@ def _add_demo(sub):
                     "then write a report folder (report.md, results.json, PNGs) with a verdict computed from the "
                     "runs, and print the effect-size table. Defaults: under 10 min on a 2-core CPU.")
     p.add_argument("--quick", action="store_const", const="quick", dest="preset",
-                   help="smoke-test size (2 seeds, 300 steps; about a minute on 2 cores). Options below override it")
+                   help="smoke-test size (2 seeds, 200 steps, small MLPs; about a minute on 2 cores). Options below "
+                        "override it")
     p.add_argument("--preset", choices=("default", "quick", "tiny"), default="default",
                    help="a named configuration; 'tiny' is the unit test's (seconds, not meaningful)")
     g = p.add_argument_group("grid")
@@ -38,14 +39,14 @@ def _add_demo(sub):
     g.add_argument("--seeds", type=int, help="seeds per arm (default 3)")
     g.add_argument("--base-seed", type=int, help="first seed (default 0)")
     t = p.add_argument_group("training (the same for every arm)")
-    t.add_argument("--steps", type=int, help="training steps per run (default 2000)")
+    t.add_argument("--steps", type=int, help="training steps per run, every data set (default: gmm 1000, digits 1200)")
     t.add_argument("--batch-size", type=int, help="default 128")
     t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    t.add_argument("--hidden", type=int, help="MLP width (default 128)")
+    t.add_argument("--hidden", type=int, help="MLP width, every data set (default: gmm 128, digits 256)")
     t.add_argument("--depth", type=int, help="MLP hidden layers (default 3)")
     t.add_argument("--ema-decay", type=float, help="EMA of the weights used for evaluation (default 0.995)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--evals", type=int, help="evaluation checkpoints per run (default 8)")
+    e.add_argument("--evals", type=int, help="evaluation checkpoints per run (default 6)")
     e.add_argument("--eval-samples", type=int, help="samples per evaluation (default 512)")
     e.add_argument("--sampler-steps", type=_csv(int), help="sampler step counts (default 1,2,8,32)")
     e.add_argument("--effect-dims", type=_csv(int), help="D values of the effect-size table")

@@ -17,7 +17,7 @@ from .train import TrainConfig, train_run
 
 
 #: The digits MLP is wider: a 3x128 eps-prediction model samples poorly there (FD ~20 vs ~3 at 3x256).
-DATASET_TRAIN = {"gmm": {"steps": 1000, "hidden": 128}, "digits": {"steps": 1500, "hidden": 256}}
+DATASET_TRAIN = {"gmm": {"steps": 1000, "hidden": 128}, "digits": {"steps": 1200, "hidden": 256}}
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,9 @@ def preset(name: str) -> DemoConfig:
     if name == "default":
         return DemoConfig()
     if name == "quick":
-        return DemoConfig(seeds=2, train=TrainConfig(evals=3, eval_samples=256, sampler_steps=(1, 2, 8, 16)),
-                          dataset_train={"gmm": {"steps": 300, "hidden": 64}, "digits": {"steps": 300, "hidden": 128}},
-                          effect_dims=(2, 64, 3072, 16384), library_timing=False)
+        return DemoConfig(seeds=2, train=TrainConfig(evals=2, eval_samples=256, sampler_steps=(1, 2, 8, 16)),
+                          dataset_train={"gmm": {"steps": 200, "hidden": 64}, "digits": {"steps": 200, "hidden": 128}},
+                          effect_dims=(2, 64, 3072), library_timing=False)
     if name == "tiny":
         return DemoConfig(datasets=("gmm",), arms=("vanilla", "knn-l2-4", "assign"), seeds=2, workers=1,
                           train=TrainConfig(steps=30, hidden=32, evals=2, eval_samples=64, sampler_steps=(1, 2, 8),

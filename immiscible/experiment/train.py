@@ -31,7 +31,7 @@ class TrainConfig:
     hidden: int = 128
     depth: int = 3
     ema_decay: float = 0.995
-    evals: int = 8                     # evaluation checkpoints, evenly spaced, the last at ``steps``
+    evals: int = 6                     # evaluation checkpoints, evenly spaced, the last at ``steps``
     eval_samples: int = 512
     sampler_steps: tuple[int, ...] = (1, 2, 8, 32)
     log_every: int = 50
