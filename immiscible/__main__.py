@@ -57,7 +57,7 @@ def _add_demo(sub):
     r.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
     r.add_argument("--out", help="report folder (default immiscible-report)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, preset="default")
 
 
 _TRAIN_KEYS = ("steps", "batch_size", "lr", "hidden", "depth", "ema_decay", "evals", "eval_samples", "sampler_steps")

@@ -54,6 +54,8 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
 
     run_dicts = [r.to_dict() for r in runs]
     summary = stats.aggregate(run_dicts)
+    summary = {d: {o: {a: summary[d][o][a] for a in cfg.arms} for o in cfg.objectives if o in summary[d]}
+               for d in cfg.datasets if d in summary}  # the configured order, vanilla first in plots
     result = {
         "command": command,
         "config": config_dict(cfg),
