@@ -115,12 +115,11 @@ def install_pack(custom_nodes: Path, copy: bool) -> int:
 
 def main(comfyui=None, python=None, copy=False, check=False, uninstall=False) -> int:
     root = Path(comfyui).expanduser().resolve() if comfyui else None
-    py = find_python(root, python)
     if root is None:
         if uninstall:
             _log("nothing to uninstall without --comfyui PATH (requirements are left in place)")
             return 0
-        return ensure_requirements(py, check=check)
+        return ensure_requirements(find_python(None, python), check=check)
     custom_nodes = root / "custom_nodes"
     if not (root / "main.py").exists() or not custom_nodes.is_dir():
         _log(f"{root} does not look like ComfyUI (needs main.py and custom_nodes/)")
@@ -140,6 +139,6 @@ def main(comfyui=None, python=None, copy=False, check=False, uninstall=False) ->
         installed = _ours(target)
         _log(f"{target}: {'installed' if installed else 'not installed'}"
              + (f" ({'link' if target.is_symlink() else 'copy'})" if installed else ""))
-        return ensure_requirements(py, check=True) | (0 if installed else 1)
+        return ensure_requirements(find_python(root, python), check=True) | (0 if installed else 1)
     rc = install_pack(custom_nodes, copy)
-    return rc | ensure_requirements(py)
+    return rc | ensure_requirements(find_python(root, python))
