@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end proof on the real kohya-ss/sd-scripts, CPU only: train_network.py trains a LoRA for
 # 2 steps on a random-weight SD1.5 checkpoint with --immiscible_k 8, again with the option off,
-# and once more under `accelerate launch --cpu --num_processes 2`. The trainer is started with
+# and once more with two CPU processes under `accelerate launch` (see the note at that run). The trainer is started with
 # plain `python train_network.py` / `accelerate launch train_network.py`: the patches come from
 # the start-up hook that install.py puts into the venv (not from kohya_patch.run).
 #
@@ -74,7 +74,10 @@ train() {  # NAME LAUNCHER... -- EXTRA_ARGS...
 train k8  "$PY" -- --immiscible_k 8
 train off "$PY" --
 if [ "$REPRO" = 1 ]; then train k8_again "$PY" -- --immiscible_k 8; fi
-if [ "$MULTI" = 1 ]; then train k8_2proc "$VENV_BIN/accelerate" launch --cpu --num_processes 2 \
+# accelerate 1.6 runs `launch --cpu --num_processes 2` as ONE process (its simple launcher); two CPU
+# ranks need the torchrun path: --multi_gpu on a machine with no visible GPU gives MULTI_CPU (gloo).
+if [ "$MULTI" = 1 ]; then CUDA_VISIBLE_DEVICES="" train k8_2proc "$VENV_BIN/accelerate" launch --multi_gpu \
+    --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process 1 -- --immiscible_k 8; fi
 
 # ---- checks --------------------------------------------------------------------------------
