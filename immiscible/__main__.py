@@ -26,8 +26,8 @@ def _add_demo(sub):
                     "then write a report folder (report.md, results.json, PNGs) with a verdict computed from the "
                     "runs, and print the effect-size table. Defaults: under 10 min on a 2-core CPU.")
     p.add_argument("--quick", action="store_const", const="quick", dest="preset",
-                   help="smoke-test size (2 seeds, 200 steps, small MLPs; about a minute on 2 cores). Options below "
-                        "override it")
+                   help="smoke-test size (2 seeds, 100 steps, small MLPs; about a minute on 2 cores; the numbers mean "
+                        "little). Options below override it")
     p.add_argument("--preset", choices=("default", "quick", "tiny"), default="default",
                    help="a named configuration; 'tiny' is the unit test's (seconds, not meaningful)")
     g = p.add_argument_group("grid")

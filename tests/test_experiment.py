@@ -167,6 +167,8 @@ def test_cli_overrides_and_validation():
 
     args = build_parser().parse_args(["demo", "--quick", "--steps", "7", "--arms", "vanilla,knn-l2-4",
                                       "--datasets", "gmm", "--sampler-steps", "4,1"])
+    default = demo_config(build_parser().parse_args(["demo"]))
+    assert default.seeds >= 3 and len(default.arms) == 6 and default.objectives == ("ddpm", "flow")
     cfg = demo_config(args)
     assert cfg.train_for("gmm").steps == 7 and cfg.arms == ("vanilla", "knn-l2-4") and cfg.seeds == 2
     assert cfg.train.sampler_steps == (1, 4)

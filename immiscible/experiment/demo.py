@@ -46,12 +46,14 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
         runs = run_grid(cfg, progress=bar.update)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    logger.info("demo: training done in %.1f s", time.perf_counter() - start)
     cells = len(cfg.effect_dims) * (len(cfg.effect_ks) + 1)
     with _bar(cells, "effect-size table", progress) as bar:
         effect = effect_table(cfg.effect_dims, cfg.effect_ks, progress=bar.update)
     library_ms = library_timings(cfg) if cfg.library_timing else {}
     torch.set_num_threads(threads)
 
+    logger.info("demo: effect table and library timing done at %.1f s", time.perf_counter() - start)
     run_dicts = [r.to_dict() for r in runs]
     summary = stats.aggregate(run_dicts)
     summary = {d: {o: {a: summary[d][o][a] for a in cfg.arms} for o in cfg.objectives if o in summary[d]}
@@ -80,4 +82,5 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
     references = {d: load_dataset(d).holdout[: cfg.train_for(d).eval_samples] for d in cfg.datasets}
     result["wall_seconds"] = time.perf_counter() - start
     result["files"] = write_report(cfg.out, result, samples, references)
+    logger.info("demo: report written at %.1f s", time.perf_counter() - start)
     return result

@@ -176,7 +176,8 @@ def plot_samples(samples: dict, dataset: str, reference, out_dir: str) -> str:
                 ax.set_xlim(-3.5, 3.5); ax.set_ylim(-3.5, 3.5)
             else:
                 side = int(round(x.shape[1] ** 0.5))
-                grid = x[:16].reshape(4, 4, side, side).transpose(0, 2, 1, 3).reshape(4 * side, 4 * side)
+                tiles = np.pad(x[:16].reshape(16, side, side), ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)
+                grid = tiles.reshape(4, 4, side + 2, side + 2).transpose(0, 2, 1, 3).reshape(4 * (side + 2), -1)
                 ax.imshow(np.clip(grid, -1, 1), cmap="gray_r", vmin=-1, vmax=1)
             ax.set_xticks([]); ax.set_yticks([])
             ax.set_title(title if i == 0 else "", fontsize=8)

@@ -73,8 +73,8 @@ def preset(name: str) -> DemoConfig:
     if name == "default":
         return DemoConfig()
     if name == "quick":
-        return DemoConfig(seeds=2, train=TrainConfig(evals=2, eval_samples=256, sampler_steps=(1, 2, 8, 16)),
-                          dataset_train={"gmm": {"steps": 200, "hidden": 64}, "digits": {"steps": 200, "hidden": 128}},
+        return DemoConfig(seeds=2, train=TrainConfig(evals=2, eval_samples=128, sampler_steps=(1, 2, 8, 16)),
+                          dataset_train={"gmm": {"steps": 100, "hidden": 64}, "digits": {"steps": 100, "hidden": 64}},
                           effect_dims=(2, 64, 3072), library_timing=False)
     if name == "tiny":
         return DemoConfig(datasets=("gmm",), arms=("vanilla", "knn-l2-4", "assign"), seeds=2, workers=1,
