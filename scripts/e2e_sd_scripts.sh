@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # End-to-end proof on the real kohya-ss/sd-scripts, CPU only: train_network.py trains a LoRA for
 # 2 steps on a random-weight SD1.5 checkpoint with --immiscible_k 8, again with the option off,
-# and once more with two CPU processes under `accelerate launch` (see the note at that run). The trainer is started with
+# and once more with two CPU processes under `accelerate launch` (see the note at that run).
+# The trainer is started with
 # plain `python train_network.py` / `accelerate launch train_network.py`: the patches come from
 # the start-up hook that install.py puts into the venv (not from kohya_patch.run).
 #
-# usage: scripts/e2e_sd_scripts.sh [EXT_DIR] [--repro] [--skip-multi]
+# usage: scripts/e2e_sd_scripts.sh [EXT_DIR] [--repro] [--skip-multi] [--multi-only]
 #   EXT_DIR  where scripts/setup_integration.sh builds (or has built) the venv, tokenizer,
 #            checkpoint and images; default ${IMMISCIBLE_EXT_DIR:-$HOME/.cache/immiscible-ext}.
 #            SD_SCRIPTS_DIR / COMFYUI_DIR as for setup_integration.sh.
 #   --repro       run the k=8 job twice and require identical selections and LoRA weights
 #   --skip-multi  leave out the 2-process run (it needs ~14 GB of RAM)
+#   --multi-only  only the 2-process run (the checks reuse the single-process runs already there)
 # Runs go to EXT_DIR/cache/e2e-runs/; a summary is printed and written to summary.json there.
 # Each training run holds `flock /tmp/immiscible-heavy.lock` (about 7 GB RSS per process).
 set -euo pipefail
@@ -20,10 +22,12 @@ repo=$(cd "$here/.." && pwd)
 EXT_DIR=${IMMISCIBLE_EXT_DIR:-$HOME/.cache/immiscible-ext}
 REPRO=0
 MULTI=1
+SINGLE=1
 for a in "$@"; do
   case $a in
     --repro) REPRO=1 ;;
     --skip-multi) MULTI=0 ;;
+    --multi-only) SINGLE=0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) EXT_DIR=$a ;;
   esac
@@ -71,12 +75,36 @@ train() {  # NAME LAUNCHER... -- EXTRA_ARGS...
   log "run $name: done in $((SECONDS - t0)) s"
 }
 
-train k8  "$PY" -- --immiscible_k 8
-train off "$PY" --
+if [ "$SINGLE" = 1 ]; then
+  train k8  "$PY" -- --immiscible_k 8
+  train off "$PY" --
+fi
 if [ "$REPRO" = 1 ]; then train k8_again "$PY" -- --immiscible_k 8; fi
 # accelerate 1.6 runs `launch --cpu --num_processes 2` as ONE process (its simple launcher); two CPU
 # ranks need the torchrun path: --multi_gpu on a machine with no visible GPU gives MULTI_CPU (gloo).
-if [ "$MULTI" = 1 ]; then CUDA_VISIBLE_DEVICES="" train k8_2proc "$VENV_BIN/accelerate" launch --multi_gpu \
+# On MULTI_CPU, accelerate 1.6 wraps even a frozen model in DDP (its GPU path skips those), and
+# train_network.py prepares the frozen U-Net, so DDP raises "not needed when a module doesn't have
+# any parameter that requires a gradient". A test-only sitecustomize gives the CPU path the GPU
+# path's rule. It lives in the runs folder, is on PYTHONPATH for this run only, and touches
+# neither sd-scripts nor the pack.
+mkdir -p "$RUNS/ddp_shim"
+cat > "$RUNS/ddp_shim/sitecustomize.py" <<'SHIM'
+try:
+    import torch.nn.parallel as _parallel
+
+    _DDP = _parallel.DistributedDataParallel
+
+    class DistributedDataParallel(_DDP):
+        def __new__(cls, module, *args, **kwargs):
+            if not any(p.requires_grad for p in module.parameters()):
+                return module  # what accelerate does for frozen models on GPUs
+            return super().__new__(cls)
+
+    _parallel.DistributedDataParallel = DistributedDataParallel
+except Exception:
+    pass
+SHIM
+if [ "$MULTI" = 1 ]; then PYTHONPATH="$RUNS/ddp_shim${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES="" train k8_2proc "$VENV_BIN/accelerate" launch --multi_gpu \
     --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process 1 -- --immiscible_k 8; fi
 
