@@ -38,9 +38,13 @@ log() { echo "[setup_integration] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 [ -f "$SD_SCRIPTS_DIR/train_network.py" ] || die "no sd-scripts checkout at $SD_SCRIPTS_DIR (set SD_SCRIPTS_DIR)"
-[ -f "$COMFYUI_DIR/main.py" ] || die "no ComfyUI checkout at $COMFYUI_DIR (set COMFYUI_DIR)"
 SD_SCRIPTS_DIR=$(cd "$SD_SCRIPTS_DIR" && pwd)
-COMFYUI_DIR=$(cd "$COMFYUI_DIR" && pwd)
+if [ -f "$COMFYUI_DIR/main.py" ]; then
+  COMFYUI_DIR=$(cd "$COMFYUI_DIR" && pwd)
+else
+  log "no ComfyUI checkout at $COMFYUI_DIR (set COMFYUI_DIR): setting up for sd-scripts only"
+  COMFYUI_DIR=
+fi
 
 # ---- 1. venv ---------------------------------------------------------------------------------
 marker=$VENV/.immiscible-setup-done
@@ -52,7 +56,7 @@ else
   pip=("$PY" -m pip --disable-pip-version-check)
   "${pip[@]}" install "${TORCH_PINS[@]}" >&2
   (cd "$SD_SCRIPTS_DIR" && "${pip[@]}" install -r requirements.txt) >&2   # ends in `-e .`
-  "${pip[@]}" install -r "$COMFYUI_DIR/requirements.txt" requests >&2
+  if [ -n "$COMFYUI_DIR" ]; then "${pip[@]}" install -r "$COMFYUI_DIR/requirements.txt" requests >&2; fi
   "${pip[@]}" install numpy scipy pytest tqdm matplotlib >&2
   # triton: torch's Linux wheel normally brings its own; add it only if missing and keep it only
   # if torch still imports afterwards (TRITON_INTERPRET=1 kernel tests run on the CPU with it).
@@ -138,7 +142,7 @@ mv "$DATASET_TOML.tmp" "$DATASET_TOML"
 # ---- exports ---------------------------------------------------------------------------------
 cat <<EOF2
 export SD_SCRIPTS_DIR=$SD_SCRIPTS_DIR
-export COMFYUI_DIR=$COMFYUI_DIR
+${COMFYUI_DIR:+export COMFYUI_DIR=$COMFYUI_DIR}
 export IMMISCIBLE_VENV=$PY
 export IMMISCIBLE_CACHE=$CACHE
 EOF2
