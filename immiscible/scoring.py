@@ -33,13 +33,16 @@ def rows_per_chunk(numel: int, chunk_bytes: int | None, candidates_per_sample: i
     return max(1, int(chunk_bytes) // (4 * numel))
 
 
-def _score_block(buf: torch.Tensor, x: torch.Tensor, x_sq: torch.Tensor, x_norm: torch.Tensor):
-    """Squared distances and cosines between rows of ``buf`` [C, D] and latents ``x`` [R, D] -> [R, C]."""
-    n_sq = torch.linalg.vector_norm(buf, dim=1).square()        # [C]
-    dots = x @ buf.T                                            # [R, C]
-    dist = (x_sq[:, None] + n_sq[None, :] - 2.0 * dots).clamp_min_(0.0)
-    cos = dots / (x_norm[:, None] * n_sq.sqrt()[None, :]).clamp_min(1e-30)
+def distance_and_cosine(x_sq: torch.Tensor, n_sq: torch.Tensor, dots: torch.Tensor):
+    """``|x - n|^2 = |x|^2 + |n|^2 - 2 x.n`` and ``cos = x.n / (|x| |n|)`` from broadcastable parts."""
+    dist = (x_sq + n_sq - 2.0 * dots).clamp_min_(0.0)
+    cos = dots / (x_sq.sqrt() * n_sq.sqrt()).clamp_min(1e-30)
     return dist, cos
+
+
+def _outputs(x: torch.Tensor, columns: int):
+    dist = torch.empty(x.shape[0], columns, dtype=torch.float32, device=x.device)
+    return dist, torch.empty_like(dist), torch.linalg.vector_norm(x, dim=1).square()
 
 
 def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None = None):
@@ -53,10 +56,7 @@ def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None
     per_sample = min(k, cap)
     samples = max(1, cap // k)
     buf = torch.empty(min(batch, samples) * per_sample, numel, dtype=torch.float32, device=x.device)
-    dist = torch.empty(batch, k, dtype=torch.float32, device=x.device)
-    cos = torch.empty_like(dist)
-    x_sq = torch.linalg.vector_norm(x, dim=1).square()
-    x_norm = x_sq.sqrt()
+    dist, cos, x_sq = _outputs(x, k)
     for b0 in range(0, batch, samples):
         b1 = min(batch, b0 + samples)
         for j0 in range(0, k, per_sample):
@@ -65,8 +65,7 @@ def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None
             block = fill(buf[: len(rows)], rows).view(b1 - b0, j1 - j0, numel)
             n_sq = torch.linalg.vector_norm(block, dim=2).square()              # [nb, nj]
             dots = torch.bmm(block, x[b0:b1, :, None])[..., 0]                  # [nb, nj]
-            dist[b0:b1, j0:j1] = (x_sq[b0:b1, None] + n_sq - 2.0 * dots).clamp_min_(0.0)
-            cos[b0:b1, j0:j1] = dots / (x_norm[b0:b1, None] * n_sq.sqrt()).clamp_min(1e-30)
+            dist[b0:b1, j0:j1], cos[b0:b1, j0:j1] = distance_and_cosine(x_sq[b0:b1, None], n_sq, dots)
     return dist, cos
 
 
@@ -75,12 +74,10 @@ def pool_distances(x: torch.Tensor, pool_size: int, fill: Filler, chunk_bytes: i
     batch, numel = x.shape
     cap = min(pool_size, rows_per_chunk(numel, chunk_bytes, pool_size))
     buf = torch.empty(cap, numel, dtype=torch.float32, device=x.device)
-    dist = torch.empty(batch, pool_size, dtype=torch.float32, device=x.device)
-    cos = torch.empty_like(dist)
-    x_sq = torch.linalg.vector_norm(x, dim=1).square()
-    x_norm = x_sq.sqrt()
+    dist, cos, x_sq = _outputs(x, pool_size)
     for p0 in range(0, pool_size, cap):
         p1 = min(pool_size, p0 + cap)
         block = fill(buf[: p1 - p0], [(p, 0) for p in range(p0, p1)])
-        dist[:, p0:p1], cos[:, p0:p1] = _score_block(block, x, x_sq, x_norm)
+        n_sq = torch.linalg.vector_norm(block, dim=1).square()                  # [C]
+        dist[:, p0:p1], cos[:, p0:p1] = distance_and_cosine(x_sq[:, None], n_sq[None, :], x @ block.T)
     return dist, cos

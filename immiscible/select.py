@@ -14,7 +14,7 @@ import torch
 
 from . import _checks
 from .assign import linear_assignment
-from .scoring import knn_distances, pool_distances
+from .scoring import distance_and_cosine, knn_distances, pool_distances
 from .seeding import derive_seed, draw_seed
 from .torch_rng import KNN_STREAM, POOL_STREAM, fill_candidates
 
@@ -108,10 +108,7 @@ class _TritonRNG:
         from .kernels.philox_knn import knn_partial_scores
 
         nn, xn = knn_partial_scores(x, k, self.seed)
-        x_sq = torch.linalg.vector_norm(x, dim=1).square()[:, None]
-        dist = (x_sq + nn - 2.0 * xn).clamp_min_(0.0)
-        cos = xn / (x_sq.sqrt() * nn.sqrt()).clamp_min(1e-30)
-        return dist, cos
+        return distance_and_cosine(torch.linalg.vector_norm(x, dim=1).square()[:, None], nn, xn)
 
 
 _RNGS = {"torch": _TorchRNG, "triton": _TritonRNG}
