@@ -39,7 +39,7 @@ def _add_demo(sub):
     g.add_argument("--seeds", type=int, help="seeds per arm (default 3)")
     g.add_argument("--base-seed", type=int, help="first seed (default 0)")
     t = p.add_argument_group("training (the same for every arm)")
-    t.add_argument("--steps", type=int, help="training steps per run, every data set (default: gmm 1000, digits 1200)")
+    t.add_argument("--steps", type=int, help="training steps per run, every data set (default: gmm 800, digits 1000)")
     t.add_argument("--batch-size", type=int, help="default 128")
     t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     t.add_argument("--hidden", type=int, help="MLP width, every data set (default: gmm 128, digits 256)")

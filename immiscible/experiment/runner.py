@@ -17,7 +17,7 @@ from .train import TrainConfig, train_run
 
 
 #: The digits MLP is wider: a 3x128 eps-prediction model samples poorly there (FD ~20 vs ~3 at 3x256).
-DATASET_TRAIN = {"gmm": {"steps": 1000, "hidden": 128}, "digits": {"steps": 1200, "hidden": 256}}
+DATASET_TRAIN = {"gmm": {"steps": 800, "hidden": 128}, "digits": {"steps": 1000, "hidden": 256}}
 
 
 @dataclass(frozen=True)
