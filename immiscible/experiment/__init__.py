@@ -10,4 +10,4 @@ from .effect import effect_table, format_effect_table
 from .runner import DemoConfig, preset
 from .train import TrainConfig
 
-__all__ = ["run_demo", "DemoConfig", "TrainConfig", "preset", "effect_table", "format_effect_table"]
+__all__ = ["DemoConfig", "TrainConfig", "effect_table", "format_effect_table", "preset", "run_demo"]

@@ -9,8 +9,8 @@ split for ``digits``) in which sample quality is measured.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -76,9 +76,8 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
     for r in runs:
         if r.seed == first:
             samples.setdefault(r.dataset, {}).setdefault(r.objective, {})[r.arm] = r.samples
-    for ds in samples:  # arms in the configured order
-        for obj in samples[ds]:
-            samples[ds][obj] = {a: samples[ds][obj][a] for a in cfg.arms if a in samples[ds][obj]}
+    samples = {ds: {obj: {a: by_arm[a] for a in cfg.arms if a in by_arm} for obj, by_arm in objs.items()}
+               for ds, objs in samples.items()}  # arms in the configured order
     references = {d: load_dataset(d).holdout[: cfg.train_for(d).eval_samples] for d in cfg.datasets}
     result["wall_seconds"] = time.perf_counter() - start
     result["files"] = write_report(cfg.out, result, samples, references)

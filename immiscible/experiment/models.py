@@ -1,6 +1,7 @@
 """A small time-conditioned MLP, initialized from an explicit generator."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -34,7 +35,7 @@ class MLPDenoiser(nn.Module):
         sizes = [dim + emb_dim] + [hidden] * depth + [dim]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             bound = 1.0 / math.sqrt(fan_in)
             w = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=generator)
             b = torch.empty(fan_out).uniform_(-bound, bound, generator=generator)

@@ -175,7 +175,7 @@ def plot_samples(samples: dict, dataset: str, reference, out_dir: str) -> str:
                 ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
                 ax.set_xlim(-3.5, 3.5); ax.set_ylim(-3.5, 3.5)
             else:
-                side = int(round(x.shape[1] ** 0.5))
+                side = round(x.shape[1] ** 0.5)
                 tiles = np.pad(x[:16].reshape(16, side, side), ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)
                 grid = tiles.reshape(4, 4, side + 2, side + 2).transpose(0, 2, 1, 3).reshape(4 * (side + 2), -1)
                 ax.imshow(np.clip(grid, -1, 1), cmap="gray_r", vmin=-1, vmax=1)

@@ -52,31 +52,36 @@ def summary_lines(rows: list[dict]) -> list[str]:
 def render_markdown(result: dict, figures: dict) -> str:
     cfg, env, summary, rows = result["config"], result["environment"], result["summary"], result["verdicts"]
     t = cfg["train"]
-    per_ds = "; ".join(f"{d}: {v['steps']} steps, MLP {v['depth']}x{v['hidden']}" for d, v in result["train_per_dataset"].items())
+    per_ds = "; ".join(f"{d}: {v['steps']} steps, MLP {v['depth']}x{v['hidden']}"
+                       for d, v in result["train_per_dataset"].items())
     out = ["# Immiscible diffusion A/B demo", ""]
-    out += [f"- date: {env['date']}; machine: {env['processor']}, {env['cpu_count']} CPU cores "
-            f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)); {env['platform']}; "
-            f"torch {env['torch']}, python {env['python']}",
-            f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s",
-            f"- grid: datasets {', '.join(cfg['datasets'])}; objectives {', '.join(cfg['objectives'])}; "
-            f"arms {', '.join(cfg['arms'])}; {cfg['seeds']} seeds each (seeds {cfg['base_seed']}..{cfg['base_seed'] + cfg['seeds'] - 1})",
-            f"- equal compute: every run of a data set trains the same steps at batch {t['batch_size']} ({per_ds}; "
-            f"Adam lr {t['lr']}, EMA {t['ema_decay']}); every arm of a seed shares initial weights, data batches and "
-            f"diffusion times; evaluation at {t['evals']} checkpoints from the same {t['eval_samples']} starting noises, "
-            f"samplers with {', '.join(map(str, t['sampler_steps']))} steps (DDIM for ddpm, Euler for flow)",
-            "", "## How to read this", "",
-            "- Sample quality is a distance between generated samples and held-out data in a fixed space: exact W2 "
-            "(optimal assignment) for the 2-D mixture `gmm`, a Frechet distance on PCA-16 features fit on the "
-            "training split for `digits`. Lower is better. The *floor* is the same distance between a training "
-            "subsample and the held-out set: values near it are limited by the sample size, not the model. For `gmm` "
-            "the many-step MMD² (RBF kernel, bandwidth 1) is shown as a second, less biased distance.",
-            "- Verdict per objective and sampler step count: an arm differs from vanilla only when the final "
-            "mean ± std intervals over seeds do not overlap; then *steps to reach* is the first checkpoint where the "
-            "arm's seed-mean is at or below vanilla's final seed-mean. Welch's p is shown too. With this many "
-            "comparisons, expect some spurious differences at 3 seeds: trust patterns, not single cells.",
-            "- Straightness gap: mean |x(1 step) − x(most steps)|²/D from the same noise; 0 for a straight flow.",
-            "- Training loss is measured against each arm's own pairing, so it is not comparable across arms; the "
-            "held-out loss uses independent noise for every arm.", ""]
+    how_to_read = [
+        ("- Sample quality is a distance between generated samples and held-out data in a fixed space: exact W2 "
+         "(optimal assignment) for the 2-D mixture `gmm`, a Frechet distance on PCA-16 features fit on the "
+         "training split for `digits`. Lower is better. The *floor* is the same distance between a training "
+         "subsample and the held-out set: values near it are limited by the sample size, not the model. For `gmm` "
+         "the many-step MMD² (RBF kernel, bandwidth 1) is shown as a second, less biased distance."),
+        ("- Verdict per objective and sampler step count: an arm differs from vanilla only when the final "
+         "mean ± std intervals over seeds do not overlap; then *steps to reach* is the first checkpoint where the "
+         "arm's seed-mean is at or below vanilla's final seed-mean. Welch's p is shown too. With this many "
+         "comparisons, expect some spurious differences at 3 seeds: trust patterns, not single cells."),
+        "- Straightness gap: mean |x(1 step) − x(most steps)|²/D from the same noise; 0 for a straight flow.",
+        ("- Training loss is measured against each arm's own pairing, so it is not comparable across arms; the "
+         "held-out loss uses independent noise for every arm."),
+    ]
+    seeds = f"seeds {cfg['base_seed']}..{cfg['base_seed'] + cfg['seeds'] - 1}"
+    out += [
+        (f"- date: {env['date']}; machine: {env['processor']}, {env['cpu_count']} CPU cores "
+         f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)); {env['platform']}; "
+         f"torch {env['torch']}, python {env['python']}"),
+        f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s",
+        (f"- grid: datasets {', '.join(cfg['datasets'])}; objectives {', '.join(cfg['objectives'])}; "
+         f"arms {', '.join(cfg['arms'])}; {cfg['seeds']} seeds each ({seeds})"),
+        (f"- equal compute: every run of a data set trains the same steps at batch {t['batch_size']} ({per_ds}; "
+         f"Adam lr {t['lr']}, EMA {t['ema_decay']}); every arm of a seed shares initial weights, data batches and "
+         f"diffusion times; evaluation at {t['evals']} checkpoints from the same {t['eval_samples']} starting "
+         f"noises, samplers with {', '.join(map(str, t['sampler_steps']))} steps (DDIM for ddpm, Euler for flow)"),
+        "", "## How to read this", "", *how_to_read, ""]
     out += ["## Verdicts", "", "| dataset | objective | metric | verdict vs vanilla |", "|---|---|---|---|"]
     out += summary_lines(rows)
     out.append("")
@@ -118,8 +123,8 @@ def render_markdown(result: dict, figures: dict) -> str:
             if name:
                 out += [f"![{key} {ds}]({name})", ""]
     out += ["## Effect size against D and k", "",
-            "`immiscible.select_noise` on standard-normal latents (a latent that looks like noise). "
-            "Reduction is of the distance between latent and chosen noise, against the mean over candidates.", "",
+            ("`immiscible.select_noise` on standard-normal latents (a latent that looks like noise). "
+             "Reduction is of the distance between latent and chosen noise, against the mean over candidates."), "",
             format_effect_table(result["effect"]), "", f"![effect size]({figures['effect_size']})", "",
             f"![noise and cost]({figures['noise_and_cost']})", ""]
     return "\n".join(out)

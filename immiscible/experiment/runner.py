@@ -15,7 +15,6 @@ from .data import DATASETS, load_dataset
 from .pairing import DEFAULT_ARMS, library_select_ms, parse_arm
 from .train import TrainConfig, train_run
 
-
 #: The digits MLP is wider: a 3x128 eps-prediction model samples poorly there (FD ~20 vs ~3 at 3x256).
 DATASET_TRAIN = {"gmm": {"steps": 800, "hidden": 128}, "digits": {"steps": 1000, "hidden": 256}}
 
@@ -43,7 +42,7 @@ class DemoConfig:
         """The training configuration of ``dataset``: ``train`` with its ``dataset_train`` changes."""
         return replace(self.train, **self.dataset_train.get(dataset, {}))
 
-    def validate(self) -> "DemoConfig":
+    def validate(self) -> DemoConfig:
         for d in self.datasets:
             if d not in DATASETS:
                 raise ValueError(f"dataset must be one of {DATASETS}, got {d!r}")
