@@ -162,6 +162,26 @@ def test_demo_writes_every_report_file(tmp_path):
     assert "## Verdicts" in text and "mean ± std" in text
 
 
+@pytest.mark.slow
+def test_quick_demo_from_the_command_line_writes_every_report_file(tmp_path):
+    """What CI smoke-tests: ``python -m immiscible demo --quick``, run the way a user runs it."""
+    import subprocess
+    import sys
+
+    from immiscible.experiment.report import expected_files
+
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "immiscible", "demo", "--quick", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    datasets = sorted({run["dataset"] for run in result["runs"]})
+    assert datasets == ["digits", "gmm"]
+    for name in expected_files(datasets):
+        assert (out / name).is_file() and os.path.getsize(out / name) > 0, name
+    assert "## Verdicts" in (out / "report.md").read_text()
+
+
 def test_cli_overrides_and_validation():
     from immiscible.__main__ import build_parser, demo_config
 
