@@ -275,7 +275,7 @@ def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, m
     """Everything the Immiscible Noise Preview node outputs."""
     t = check_t(t)
     samples = check_latent(latent)
-    source = ImmiscibleNoise(seed, k, mode, metric, model, latent_format)
+    ImmiscibleNoise(seed, k, mode, metric, model, latent_format)  # validates the settings up front
     indices = batch_indices(latent, samples.shape[0])
     space = latent_space(samples, model, latent_format)
     x = space.to_model(samples.detach().to("cpu", torch.float32))

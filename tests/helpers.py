@@ -1,5 +1,4 @@
 """Independent fp64 references for the selector tests."""
-import torch
 
 
 def fp64_distances_knn(latents, cands):

@@ -1,7 +1,6 @@
 """Exactness, determinism and input checks of immiscible.select_noise / candidates."""
 import logging
 
-import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
