@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -25,8 +25,11 @@ demo: venv
 bench: venv
 	$(BIN)/python -m immiscible.bench --quick
 
+lint: venv
+	$(BIN)/python -m ruff check .
+
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: venv
+test: venv lint
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 clean:
