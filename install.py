@@ -3,7 +3,7 @@
 
     python install.py --sd-scripts PATH [--python VENV_PYTHON]   # kohya-ss sd-scripts
     python install.py --comfyui PATH                             # ComfyUI custom node
-    python install.py --check [--sd-scripts PATH] [--python ...]
+    python install.py --check [--sd-scripts PATH] [--python ...]      # add --comfyui PATH for ComfyUI
     python install.py --uninstall [--sd-scripts PATH] [--comfyui PATH] [--python ...]
     python install.py                                            # ComfyUI-Manager: requirements only
 
@@ -35,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     python = args.python or sys.executable
     rc = 0
-    if args.sd_scripts or (args.check and not args.comfyui):
+    # --check / --uninstall with no folder act on the sd-scripts environment (its start-up hook
+    # lives in --python's site-packages); no flag at all is ComfyUI-Manager's requirements step.
+    if args.sd_scripts or ((args.check or args.uninstall) and not args.comfyui):
         from kohya_patch import installer as kohya_installer
 
         rc |= kohya_installer.main(sd_scripts=args.sd_scripts, python=python, check=args.check,
                                    uninstall=args.uninstall)
-    if args.comfyui or not (args.sd_scripts or args.check):
+    if args.comfyui or not (args.sd_scripts or args.check or args.uninstall):
         from comfy_nodes import installer as comfy_installer
 
         rc |= comfy_installer.main(comfyui=args.comfyui, python=args.python, copy=args.copy, check=args.check,
