@@ -78,6 +78,8 @@ train() {  # NAME LAUNCHER... -- EXTRA_ARGS...
 if [ "$SINGLE" = 1 ]; then
   train k8  "$PY" -- --immiscible_k 8
   train off "$PY" --
+  # stock sd-scripts: the start-up hook switched off, so nothing of the pack is imported
+  IMMISCIBLE_KOHYA_DISABLE=1 train stock "$PY" --
 fi
 if [ "$REPRO" = 1 ]; then train k8_again "$PY" -- --immiscible_k 8; fi
 # accelerate 1.6 runs `launch --cpu --num_processes 2` as ONE process (its simple launcher); two CPU
@@ -111,6 +113,7 @@ if [ "$MULTI" = 1 ]; then PYTHONPATH="$RUNS/ddp_shim${PYTHONPATH:+:$PYTHONPATH}"
 # ---- checks --------------------------------------------------------------------------------
 "$PY" - "$RUNS" "$REPRO" "$MULTI" <<'PYEOF'
 import glob, json, os, sys
+import torch
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -127,15 +130,17 @@ def run_info(name):
         meta = f.metadata() or {}
         weights = {k: f.get_tensor(k) for k in f.keys()}
     dumps = {os.path.basename(p): [json.loads(l) for l in open(p)] for p in sorted(glob.glob(f"{d}/dump/*.jsonl"))}
-    red = []
+    red, loss = [], []
     for ev in glob.glob(f"{d}/logs/**/events.out.tfevents*", recursive=True):
         ea = EventAccumulator(ev); ea.Reload()
         if "immiscible/reduction" in ea.Tags()["scalars"]:
             red += [(e.step, round(e.value, 5)) for e in ea.Scalars("immiscible/reduction")]
+        if "loss/current" in ea.Tags()["scalars"]:
+            loss += [(e.step, e.value) for e in ea.Scalars("loss/current")]
     log = open(os.path.join(d, "train.log"), encoding="utf-8", errors="replace").read()
     return {"wall_s": int(open(os.path.join(d, "wall_s")).read()), "steps": meta.get("ss_steps"),
             "metadata": {k: v for k, v in meta.items() if k.startswith("ss_immiscible")},
-            "n_metadata": len(meta), "tb_reduction": red, "dumps": dumps, "weights": weights,
+            "n_metadata": len(meta), "tb_reduction": red, "tb_loss": sorted(loss), "dumps": dumps, "weights": weights,
             "summary_line": "immiscible: k=" in log}
 
 k8, off = run_info("k8"), run_info("off")
@@ -153,6 +158,17 @@ summary["k8"] = {"wall_s": k8["wall_s"], "metadata": k8["metadata"], "tensorboar
                  "selections": [{"seed": r["seed"], "index": r["index"], "reduction": round(r["reduction"], 5)}
                                 for r in rows]}
 summary["off"] = {"wall_s": off["wall_s"], "metadata": off["metadata"], "n_metadata": off["n_metadata"]}
+if os.path.isdir(os.path.join(runs, "stock")):
+    # Option absent with the pack installed must be bit-identical to stock sd-scripts.
+    stock = run_info("stock")
+    same_weights = stock["weights"].keys() == off["weights"].keys() and all(
+        torch.equal(stock["weights"][k], v) for k, v in off["weights"].items())
+    check(same_weights, "the off run's LoRA weights differ from stock sd-scripts'")
+    check(len(off["tb_loss"]) == 2 and off["tb_loss"] == stock["tb_loss"],
+          f"losses differ from stock: {off['tb_loss']} vs {stock['tb_loss']}")
+    check(not stock["summary_line"], "the stock run loaded the pack")
+    summary["stock"] = {"wall_s": stock["wall_s"], "losses": stock["tb_loss"], "off_losses": off["tb_loss"],
+                        "off_lora_bit_identical": same_weights}
 if repro:
     again = run_info("k8_again")
     same = all((again["weights"][k] == v).all().item() for k, v in k8["weights"].items())
