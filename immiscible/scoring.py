@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-Filler = Callable[[torch.Tensor, list], torch.Tensor]
+Filler = Callable[[torch.Tensor, list], torch.Tensor]  # fill(buf, [(sample, first, count), ...])
 
 #: Default size of one candidate buffer. Peak extra memory of the torch backend is one buffer,
 #: at most this and at most an eighth of one sample's candidates (but 32 rows), plus the output
@@ -45,15 +45,22 @@ def _outputs(x: torch.Tensor, columns: int):
     return dist, torch.empty_like(dist), torch.linalg.vector_norm(x, dim=1).square()
 
 
-def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None = None):
+def _aligned(rows: int, total: int, align: int) -> int:
+    """``rows`` rounded down to a multiple of ``align`` (the filler's group) where that fits."""
+    return rows if rows >= total or rows < align else rows // align * align
+
+
+def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None = None, align: int = 1):
     """Squared distances and cosines ``[B, k]`` from each latent ``x[b]`` to its own candidates.
 
-    ``x`` is fp32 ``[B, D]``; ``fill(buf, rows)`` writes candidates ``rows = [(b, j), ...]``.
-    A chunk holds either several whole samples' candidates (small ``k``) or a slice of one's.
+    ``x`` is fp32 ``[B, D]``; ``fill(buf, runs)`` writes the candidates of
+    ``runs = [(sample, first, count), ...]`` into consecutive rows of ``buf``.
+    A chunk holds either several whole samples' candidates (small ``k``) or a slice of one's,
+    a multiple of ``align`` candidates where the budget allows.
     """
     batch, numel = x.shape
     cap = rows_per_chunk(numel, chunk_bytes, k)
-    per_sample = min(k, cap)
+    per_sample = _aligned(min(k, cap), k, align)
     samples = max(1, cap // k)
     buf = torch.empty(min(batch, samples) * per_sample, numel, dtype=torch.float32, device=x.device)
     dist, cos, x_sq = _outputs(x, k)
@@ -61,23 +68,24 @@ def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None
         b1 = min(batch, b0 + samples)
         for j0 in range(0, k, per_sample):
             j1 = min(k, j0 + per_sample)
-            rows = [(b, j) for b in range(b0, b1) for j in range(j0, j1)]
-            block = fill(buf[: len(rows)], rows).view(b1 - b0, j1 - j0, numel)
+            runs = [(b, j0, j1 - j0) for b in range(b0, b1)]
+            block = fill(buf[: (b1 - b0) * (j1 - j0)], runs).view(b1 - b0, j1 - j0, numel)
             n_sq = torch.linalg.vector_norm(block, dim=2).square()              # [nb, nj]
             dots = torch.bmm(block, x[b0:b1, :, None])[..., 0]                  # [nb, nj]
             dist[b0:b1, j0:j1], cos[b0:b1, j0:j1] = distance_and_cosine(x_sq[b0:b1, None], n_sq, dots)
     return dist, cos
 
 
-def pool_distances(x: torch.Tensor, pool_size: int, fill: Filler, chunk_bytes: int | None = None):
+def pool_distances(x: torch.Tensor, pool_size: int, fill: Filler, chunk_bytes: int | None = None,
+                   align: int = 1):
     """Squared distances and cosines ``[B, pool_size]`` from every latent to every pool member."""
     batch, numel = x.shape
-    cap = min(pool_size, rows_per_chunk(numel, chunk_bytes, pool_size))
+    cap = _aligned(min(pool_size, rows_per_chunk(numel, chunk_bytes, pool_size)), pool_size, align)
     buf = torch.empty(cap, numel, dtype=torch.float32, device=x.device)
     dist, cos, x_sq = _outputs(x, pool_size)
     for p0 in range(0, pool_size, cap):
         p1 = min(pool_size, p0 + cap)
-        block = fill(buf[: p1 - p0], [(p, 0) for p in range(p0, p1)])
+        block = fill(buf[: p1 - p0], [(0, p0, p1 - p0)])
         n_sq = torch.linalg.vector_norm(block, dim=1).square()                  # [C]
         dist[:, p0:p1], cos[:, p0:p1] = distance_and_cosine(x_sq[:, None], n_sq[None, :], x @ block.T)
     return dist, cos

@@ -16,7 +16,7 @@ from . import _checks
 from .assign import linear_assignment
 from .scoring import distance_and_cosine, knn_distances, pool_distances
 from .seeding import derive_seed, draw_seed
-from .torch_rng import KNN_STREAM, POOL_STREAM, fill_candidates
+from .torch_rng import KNN_STREAM, POOL_STREAM, fill_candidates, group_size
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +85,15 @@ class _TorchRNG:
     def __init__(self, seed: int):
         self.seed = seed
 
-    def fill(self, buf, rows, stream):
-        return fill_candidates(buf, self.seed, rows, stream)
+    def fill(self, buf, runs, stream):
+        return fill_candidates(buf, self.seed, runs, stream)
+
+    def align(self, numel):
+        return group_size(numel)
 
     def knn(self, x, k, chunk_bytes):
-        return knn_distances(x, k, lambda buf, rows: self.fill(buf, rows, KNN_STREAM), chunk_bytes)
+        fill = lambda buf, runs: self.fill(buf, runs, KNN_STREAM)  # noqa: E731
+        return knn_distances(x, k, fill, chunk_bytes, self.align(x.shape[1]))
 
 
 class _TritonRNG:
@@ -98,10 +102,16 @@ class _TritonRNG:
     def __init__(self, seed: int):
         self.seed = derive_seed(seed)  # 63 bits: a signed 64-bit kernel argument
 
-    def fill(self, buf, rows, stream):
+    def align(self, numel):
+        return 1
+
+    def fill(self, buf, runs, stream):
         from .kernels.philox_knn import write_candidates
 
-        sample, index = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2).unbind(1)
+        sample, first, count = torch.tensor(runs, dtype=torch.int64).reshape(-1, 3).unbind(1)
+        starts = torch.cumsum(count, 0) - count  # row of each run's first candidate
+        sample, first, starts = (t.repeat_interleave(count) for t in (sample, first, starts))
+        index = first + torch.arange(int(count.sum())) - starts
         return write_candidates(buf, self.seed, sample, index, stream)
 
     def knn(self, x, k, chunk_bytes):
@@ -120,14 +130,15 @@ def _select(rng, x, k, mode, metric, chunk_bytes):
     if mode == "knn":
         dist, cos = rng.knn(x, k, chunk_bytes)
         index = torch.argmin(dist if metric == "l2" else -cos, dim=1)
-        rows = [(b, j) for b, j in enumerate(index.tolist())]
+        runs = [(b, j, 1) for b, j in enumerate(index.tolist())]
         stream = KNN_STREAM
     else:
-        dist, cos = pool_distances(x, k * batch, lambda buf, r: rng.fill(buf, r, POOL_STREAM), chunk_bytes)
+        dist, cos = pool_distances(x, k * batch, lambda buf, r: rng.fill(buf, r, POOL_STREAM), chunk_bytes,
+                                   rng.align(x.shape[1]))
         index = linear_assignment(dist if metric == "l2" else 1.0 - cos)
-        rows = [(p, 0) for p in index.tolist()]
+        runs = [(0, p, 1) for p in index.tolist()]
         stream = POOL_STREAM
-    noise = rng.fill(torch.empty_like(x), rows, stream)
+    noise = rng.fill(torch.empty_like(x), runs, stream)
     pick = index[:, None]
     return noise, index, dist.gather(1, pick)[:, 0], dist.mean(1), cos.gather(1, pick)[:, 0]
 
@@ -214,9 +225,8 @@ def candidates(latents: torch.Tensor, k: int, *, seed: int, mode: str = "knn",
     batch, sample_shape = latents.shape[0], latents.shape[1:]
     numel = latents[0].numel()
     if mode == "knn":
-        rows = [(b, j) for b in range(batch) for j in range(k)]
-        out = rng.fill(torch.empty(batch * k, numel, device=latents.device), rows, KNN_STREAM)
+        runs = [(b, 0, k) for b in range(batch)]
+        out = rng.fill(torch.empty(batch * k, numel, device=latents.device), runs, KNN_STREAM)
         return out.reshape(batch, k, *sample_shape)
-    rows = [(p, 0) for p in range(k * batch)]
-    out = rng.fill(torch.empty(k * batch, numel, device=latents.device), rows, POOL_STREAM)
+    out = rng.fill(torch.empty(k * batch, numel, device=latents.device), [(0, 0, k * batch)], POOL_STREAM)
     return out.reshape(k * batch, *sample_shape)

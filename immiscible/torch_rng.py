@@ -1,9 +1,12 @@
 """Candidate noise from torch's own generators, one counter-derived seed per candidate.
 
-Candidate ``(sample, index)`` of a given ``seed`` is ``torch.randn(D)`` from a generator seeded
-with ``derive_seed(seed, sample, index, stream)``. It depends on nothing else: not on ``k``, the
-batch size, the chunk size or the memory budget. So the candidates for ``k=4`` are the first four
-of those for ``k=64``, and any chunking gives the same selection.
+Candidates of one sample come in groups of ``G = group_size(D)`` (one generator call per group,
+so small latents do not pay a generator seeding per candidate): candidate ``(sample, index)`` is
+row ``index % G`` of ``torch.randn(G, D)`` from a generator seeded with
+``derive_seed(seed, sample, index // G, stream)``. ``G`` depends on ``D`` alone, so a candidate
+depends on nothing else: not on ``k``, the batch size, the chunk size or the memory budget. The
+candidates for ``k=4`` are the first four of those for ``k=64``, and any chunking gives the same
+selection. The assignment pool is sample 0 of ``POOL_STREAM``.
 """
 from __future__ import annotations
 
@@ -25,10 +28,37 @@ def _generator(device: torch.device) -> torch.Generator:
     return gen
 
 
-def fill_candidates(out: torch.Tensor, seed: int, rows: list[tuple[int, int]], stream: int) -> torch.Tensor:
-    """Write candidate ``rows[i] = (sample, index)`` into ``out[i]`` (fp32, shape ``[len(rows), D]``)."""
+#: Elements drawn by one generator call at most (and 64 candidates at most).
+GROUP_ELEMENTS = 2**16
+
+
+def group_size(numel: int) -> int:
+    """Candidates per generator call for samples of ``numel`` elements (1 from 65536 elements up)."""
+    return max(1, min(64, GROUP_ELEMENTS // numel))
+
+
+Run = tuple[int, int, int]  # (sample, first index, count): candidates laid out one after another
+
+
+def fill_candidates(out: torch.Tensor, seed: int, runs: list[Run], stream: int) -> torch.Tensor:
+    """Write the candidates of ``runs`` into consecutive rows of ``out`` (fp32, ``[rows, D]``)."""
     gen = _generator(out.device)
-    for i, (sample, index) in enumerate(rows):
-        gen.manual_seed(derive_seed(seed, sample, index, stream))
-        torch.randn(out.shape[1], generator=gen, out=out[i])
+    numel = out.shape[1]
+    group = group_size(numel)
+    scratch = None
+    row = 0
+    for sample, first, count in runs:
+        index, end = first, first + count
+        while index < end:
+            g = index // group
+            n = min(end, (g + 1) * group) - index
+            gen.manual_seed(derive_seed(seed, sample, g, stream))
+            if n == group:  # a whole group: straight into place
+                torch.randn(group, numel, generator=gen, out=out[row : row + n])
+            else:
+                if scratch is None:
+                    scratch = torch.empty(group, numel, dtype=out.dtype, device=out.device)
+                torch.randn(group, numel, generator=gen, out=scratch)
+                out[row : row + n] = scratch[index - g * group : index - g * group + n]
+            row, index = row + n, index + n
     return out

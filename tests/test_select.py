@@ -97,6 +97,23 @@ def test_deterministic_and_independent_of_chunking():
     assert not torch.equal(base, other)
 
 
+@pytest.mark.parametrize("shape,k", [((2, 4, 64, 64), 10), ((3, 64), 70), ((2, 5, 7, 3), 9)])
+def test_candidate_groups_do_not_leak_into_results(shape, k):
+    # Small samples are drawn G at a time (G = 4 at D=16384, 64 at D=64); chunks that cut
+    # through a group, and k that is not a multiple of G, must not change anything.
+    latents = _latents(shape, torch.float32, seed=2)
+    numel = latents[0].numel()
+    base, info = immiscible.select_noise(latents, k, seed=77, return_info=True)
+    for rows in (1, 3, 5, k + 1):
+        again, info2 = immiscible.select_noise(latents, k, seed=77, return_info=True, chunk_bytes=4 * numel * rows)
+        assert torch.equal(base, again) and torch.equal(info.index, info2.index)
+    cands = immiscible.candidates(latents, k, seed=77)
+    assert torch.equal(immiscible.candidates(latents, 2, seed=77), cands[:, :2])
+    assert torch.equal(info.index, fp64_distances_knn(latents, cands).argmin(1))
+    flat = cands.flatten(0, 1).flatten(1)
+    assert torch.unique(flat, dim=0).shape[0] == flat.shape[0], "every candidate is a distinct draw"
+
+
 def test_candidate_sets_are_nested_in_k():
     latents = _latents((2, 4, 4, 4), torch.float32)
     small = immiscible.candidates(latents, 4, seed=8)
