@@ -80,7 +80,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class _TorchRNG:
-    name = "torch"
+    """Candidates from torch's generators (any device), scored in chunks."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -97,7 +97,7 @@ class _TorchRNG:
 
 
 class _TritonRNG:
-    name = "triton"
+    """Candidates from the Philox kernels; knn is scored by the fused kernel without materializing."""
 
     def __init__(self, seed: int):
         self.seed = derive_seed(seed)  # 63 bits: a signed 64-bit kernel argument
