@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..assign import linear_assignment
+from ..scoring import distance_and_cosine
 
 DEFAULT_ARMS = ("vanilla", "knn-l2-4", "knn-l2-64", "knn-cosine-4", "knn-cosine-64", "assign-l2-1")
 _ARM_RE = re.compile(r"^(knn|assign)(?:-(l2|cosine))?(?:-(\d+))?$")
@@ -64,22 +65,16 @@ def nearest_candidate(x: torch.Tensor, cands: torch.Tensor, metric: str = "l2") 
     -------
     LongTensor, shape (B,)
     """
-    dots = torch.einsum("bd,bkd->bk", x, cands)
-    n_sq = cands.square().sum(-1)
-    if metric == "l2":
-        return torch.argmin(x.square().sum(-1, keepdim=True) + n_sq - 2.0 * dots, dim=1)
-    return torch.argmax(dots / n_sq.sqrt().clamp_min(1e-30), dim=1)  # |x| is constant per row
+    x_sq = x.square().sum(-1, keepdim=True)
+    dist, cos = distance_and_cosine(x_sq, cands.square().sum(-1), torch.einsum("bd,bkd->bk", x, cands))
+    return torch.argmin(dist, dim=1) if metric == "l2" else torch.argmax(cos, dim=1)
 
 
 def assign_pool(x: torch.Tensor, pool: torch.Tensor, metric: str = "l2") -> torch.Tensor:
     """Distinct pool member per sample minimizing the summed cost; ``x`` (B, D), ``pool`` (P, D) -> (B,)."""
-    dots = x @ pool.T
-    n_sq = pool.square().sum(-1)
-    if metric == "l2":
-        cost = (x.square().sum(-1, keepdim=True) + n_sq[None] - 2.0 * dots).clamp_min(0.0)
-    else:
-        cost = 1.0 - dots / (x.norm(dim=-1, keepdim=True) * n_sq.sqrt()[None]).clamp_min(1e-30)
-    return linear_assignment(cost)
+    x_sq = x.square().sum(-1, keepdim=True)
+    dist, cos = distance_and_cosine(x_sq, pool.square().sum(-1)[None], x @ pool.T)
+    return linear_assignment(dist if metric == "l2" else 1.0 - cos)
 
 
 def pair_noise(x: torch.Tensor, arm: Arm, *, generator: torch.Generator) -> torch.Tensor:
