@@ -1,7 +1,7 @@
 """Chunked scoring of candidate noise: exact fp32 distances, memory flat in ``k``.
 
-A *filler* writes fp32 candidates into a ``[C, D]`` buffer (``torch_rng.fill_candidates`` or the
-Triton materializing kernel); these functions never hold more than one buffer of candidates.
+A *filler* writes fp32 candidates into a ``[C, D]`` buffer (``torch_rng.CandidateLayout.fill``);
+these functions never hold more than one buffer of candidates (at least one group of them).
 
 Distances are squared L2, ``|x - n|^2 = |x|^2 - 2 x.n + |n|^2``, accumulated in fp32 from fp32
 inputs. Cosine scores are ``1 - x.n / (|x| |n|)``.
@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-Filler = Callable[[torch.Tensor, list], torch.Tensor]  # fill(buf, [(sample, first, count), ...])
+#: ``fill(buf, b0, b1, g0, g1)``: candidate groups ``[g0, g1)`` of samples ``b0..b1-1`` into ``buf``.
+GroupFiller = Callable[[torch.Tensor, int, int, int, int], torch.Tensor]
 
 #: Default size of one candidate buffer. Peak extra memory of the torch backend is one buffer,
 #: at most this and at most an eighth of one sample's candidates (but 32 rows), plus the output
@@ -45,47 +46,69 @@ def _outputs(x: torch.Tensor, columns: int):
     return dist, torch.empty_like(dist), torch.linalg.vector_norm(x, dim=1).square()
 
 
-def _aligned(rows: int, total: int, align: int) -> int:
-    """``rows`` rounded down to a multiple of ``align`` (the filler's group) where that fits."""
-    return rows if rows >= total or rows < align else rows // align * align
+def _plan(count: int, cap: int, group: int) -> tuple[int, int]:
+    """``(samples per chunk, groups per chunk)``: whole samples when ``count`` fits ``cap``, else
+    as many whole groups of one sample as fit (at least one)."""
+    if count <= cap:
+        return max(1, cap // count), -(-count // group)
+    return 1, max(1, cap // group)
 
 
-def knn_distances(x: torch.Tensor, k: int, fill: Filler, chunk_bytes: int | None = None, align: int = 1):
-    """Squared distances and cosines ``[B, k]`` from each latent ``x[b]`` to its own candidates.
+def knn_select(x: torch.Tensor, k: int, fill: GroupFiller, group: int, metric: str = "l2",
+               chunk_bytes: int | None = None):
+    """Nearest of ``k`` candidates per latent, scored chunk by chunk and kept as it is found.
 
-    ``x`` is fp32 ``[B, D]``; ``fill(buf, runs)`` writes the candidates of
-    ``runs = [(sample, first, count), ...]`` into consecutive rows of ``buf``.
-    A chunk holds either several whole samples' candidates (small ``k``) or a slice of one's,
-    a multiple of ``align`` candidates where the budget allows.
+    ``x`` is fp32 ``[B, D]``; ``fill(buf, b0, b1, g0, g1)`` writes candidate groups ``[g0, g1)``
+    (``group`` candidates each, the last may be shorter) of samples ``b0..b1-1`` into consecutive
+    rows of ``buf``, sample-major. Each chunk's best candidate replaces a sample's noise only when
+    it is strictly better, so ties go to the lowest index, as ``argmin`` does, and nothing is drawn
+    twice. Returns ``noise [B, D]``, ``index [B]``, and squared distances and cosines ``[B, k]``.
     """
     batch, numel = x.shape
-    cap = rows_per_chunk(numel, chunk_bytes, k)
-    per_sample = _aligned(min(k, cap), k, align)
-    samples = max(1, cap // k)
+    samples, groups = _plan(k, rows_per_chunk(numel, chunk_bytes, k), group)
+    per_sample = min(k, groups * group)
     buf = torch.empty(min(batch, samples) * per_sample, numel, dtype=torch.float32, device=x.device)
     dist, cos, x_sq = _outputs(x, k)
+    noise = torch.empty_like(x)
+    best = torch.full((batch,), float("inf"), device=x.device)
+    index = torch.zeros(batch, dtype=torch.long, device=x.device)
     for b0 in range(0, batch, samples):
         b1 = min(batch, b0 + samples)
-        for j0 in range(0, k, per_sample):
-            j1 = min(k, j0 + per_sample)
-            runs = [(b, j0, j1 - j0) for b in range(b0, b1)]
-            block = fill(buf[: (b1 - b0) * (j1 - j0)], runs).view(b1 - b0, j1 - j0, numel)
+        for g0 in range(0, -(-k // group), groups):
+            j0, j1 = g0 * group, min(k, (g0 + groups) * group)
+            block = fill(buf[: (b1 - b0) * (j1 - j0)], b0, b1, g0, g0 + groups).view(b1 - b0, j1 - j0, numel)
             n_sq = torch.linalg.vector_norm(block, dim=2).square()              # [nb, nj]
             dots = torch.bmm(block, x[b0:b1, :, None])[..., 0]                  # [nb, nj]
-            dist[b0:b1, j0:j1], cos[b0:b1, j0:j1] = distance_and_cosine(x_sq[b0:b1, None], n_sq, dots)
-    return dist, cos
+            d, c = distance_and_cosine(x_sq[b0:b1, None], n_sq, dots)
+            dist[b0:b1, j0:j1], cos[b0:b1, j0:j1] = d, c
+            score = d if metric == "l2" else -c
+            arg = torch.argmin(score, dim=1)
+            low = score.gather(1, arg[:, None])[:, 0]
+            better = low < best[b0:b1]
+            if bool(better.all()):
+                rows = torch.arange(b1 - b0, device=x.device)
+            else:
+                rows = better.nonzero()[:, 0]
+            if rows.numel():
+                noise[b0 + rows] = block[rows, arg[rows]]
+                best[b0 + rows] = low[rows]
+                index[b0 + rows] = j0 + arg[rows]
+    return noise, index, dist, cos
 
 
-def pool_distances(x: torch.Tensor, pool_size: int, fill: Filler, chunk_bytes: int | None = None,
-                   align: int = 1):
-    """Squared distances and cosines ``[B, pool_size]`` from every latent to every pool member."""
+def pool_distances(x: torch.Tensor, pool_size: int, fill: GroupFiller, group: int,
+                   chunk_bytes: int | None = None):
+    """Squared distances and cosines ``[B, pool_size]`` from every latent to every pool member.
+
+    The pool is one sample's ``pool_size`` candidates: ``fill(buf, 0, 1, g0, g1)``.
+    """
     batch, numel = x.shape
-    cap = _aligned(min(pool_size, rows_per_chunk(numel, chunk_bytes, pool_size)), pool_size, align)
-    buf = torch.empty(cap, numel, dtype=torch.float32, device=x.device)
+    _, groups = _plan(pool_size, rows_per_chunk(numel, chunk_bytes, pool_size), group)
+    buf = torch.empty(min(pool_size, groups * group), numel, dtype=torch.float32, device=x.device)
     dist, cos, x_sq = _outputs(x, pool_size)
-    for p0 in range(0, pool_size, cap):
-        p1 = min(pool_size, p0 + cap)
-        block = fill(buf[: p1 - p0], [(0, p0, p1 - p0)])
+    for g0 in range(0, -(-pool_size // group), groups):
+        p0, p1 = g0 * group, min(pool_size, (g0 + groups) * group)
+        block = fill(buf[: p1 - p0], 0, 1, g0, g0 + groups)
         n_sq = torch.linalg.vector_norm(block, dim=1).square()                  # [C]
         dist[:, p0:p1], cos[:, p0:p1] = distance_and_cosine(x_sq[:, None], n_sq[None, :], x @ block.T)
     return dist, cos

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import checks
 from .assign import linear_assignment
-from .scoring import distance_and_cosine, knn_distances, pool_distances
-from .seeding import derive_seed, draw_seed
-from .torch_rng import KNN_STREAM, POOL_STREAM, fill_candidates, group_size
+from .backends import BACKENDS
+from .seeding import draw_seed
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +24,10 @@ logger = logging.getLogger(__name__)
 class SelectionInfo:
     """What a selection chose, per sample (tensors on the latents' device).
 
-    ``distance`` and ``mean_distance`` are squared L2 distances in fp32, whatever ``metric``
-    chose by; ``cosine`` is between the chosen noise and the latent.
+    Distances are squared L2 in fp32, whatever ``metric`` chose by; cosines are between a
+    candidate and the latent. ``distances`` and ``cosines`` hold every candidate's score
+    (``[B, k]`` for knn, ``[B, k * B]`` against the whole pool for assign), so callers that show
+    statistics never recompute them.
     """
 
     index: torch.Tensor          # [B] long: the chosen candidate (knn) or pool member (assign)
@@ -38,6 +39,9 @@ class SelectionInfo:
     mode: str
     metric: str
     backend: str                 # the backend that actually ran
+    distances: torch.Tensor | None = None  # [B, C] squared distance to every candidate
+    cosines: torch.Tensor | None = None    # [B, C] cosine to every candidate
+    sample_ids: list[int] | None = None    # the ids the candidates were keyed by
 
     @property
     def reduction_per_sample(self) -> torch.Tensor:
@@ -63,103 +67,66 @@ def _triton_usable(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+#: Set when a backend failed at run time: from then on this process uses torch instead.
+_disabled: dict[str, str] = {}
+
+
+def disabled_backends() -> dict[str, str]:
+    """Backends this process stopped using after a run-time failure, with the reason."""
+    return dict(_disabled)
+
+
+def reset_fallback() -> None:
+    """Try the failed backends again (after fixing what made them fail, or in tests)."""
+    _disabled.clear()
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``"auto"`` -> ``"triton"`` on CUDA when triton imports, else ``"torch"``.
 
-    An explicit ``"triton"`` that cannot run raises ``ValueError`` / ``ImportError`` at once.
+    An explicit ``"triton"`` that cannot run raises ``ValueError`` / ``ImportError`` at once. A
+    backend that failed at run time in this process resolves to ``"torch"`` (see ``select_noise``).
     """
-    _checks.check_choice("backend", backend, _checks.BACKENDS)
+    checks.check_backend(backend)
     device = torch.device(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_usable(device)[0] else "torch"
-    if backend == "triton":
+        backend = "triton" if device.type == "cuda" and _triton_usable(device)[0] else "torch"
+    elif backend == "triton":
         ok, why = _triton_usable(device)
         if not ok:
             raise (ImportError if "pip install" in why else ValueError)(why)
-    return backend
+    return "torch" if backend in _disabled else backend
 
 
-class _TorchRNG:
-    """Candidates from torch's generators (any device), scored in chunks."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def fill(self, buf, runs, stream):
-        return fill_candidates(buf, self.seed, runs, stream)
-
-    def align(self, numel):
-        return group_size(numel)
-
-    def knn(self, x, k, chunk_bytes):
-        fill = lambda buf, runs: self.fill(buf, runs, KNN_STREAM)  # noqa: E731
-        return knn_distances(x, k, fill, chunk_bytes, self.align(x.shape[1]))
-
-
-class _TritonRNG:
-    """Candidates from the Philox kernels; knn is scored by the fused kernel without materializing."""
-
-    def __init__(self, seed: int):
-        self.seed = derive_seed(seed)  # 63 bits: a signed 64-bit kernel argument
-
-    def align(self, numel):
-        return 1
-
-    def fill(self, buf, runs, stream):
-        from .kernels.philox_knn import write_candidates
-
-        sample, first, count = torch.tensor(runs, dtype=torch.int64).reshape(-1, 3).unbind(1)
-        starts = torch.cumsum(count, 0) - count  # row of each run's first candidate
-        sample, first, starts = (t.repeat_interleave(count) for t in (sample, first, starts))
-        index = first + torch.arange(int(count.sum())) - starts
-        return write_candidates(buf, self.seed, sample, index, stream)
-
-    def knn(self, x, k, chunk_bytes):
-        from .kernels.philox_knn import knn_partial_scores
-
-        nn, xn = knn_partial_scores(x, k, self.seed)
-        return distance_and_cosine(torch.linalg.vector_norm(x, dim=1).square()[:, None], nn, xn)
-
-
-_RNGS = {"torch": _TorchRNG, "triton": _TritonRNG}
-_warned_fallback = False
-
-
-def _select(rng, x, k, mode, metric, chunk_bytes):
-    batch = x.shape[0]
+def _select(backend, x, k, mode, metric, chunk_bytes):
+    """``noise, index, distances, cosines`` for fp32 ``x [B, D]``."""
     if mode == "knn":
-        dist, cos = rng.knn(x, k, chunk_bytes)
-        index = torch.argmin(dist if metric == "l2" else -cos, dim=1)
-        runs = [(b, j, 1) for b, j in enumerate(index.tolist())]
-        stream = KNN_STREAM
-    else:
-        dist, cos = pool_distances(x, k * batch, lambda buf, r: rng.fill(buf, r, POOL_STREAM), chunk_bytes,
-                                   rng.align(x.shape[1]))
-        index = linear_assignment(dist if metric == "l2" else 1.0 - cos)
-        runs = [(0, p, 1) for p in index.tolist()]
-        stream = POOL_STREAM
-    noise = rng.fill(torch.empty_like(x), runs, stream)
-    pick = index[:, None]
-    return noise, index, dist.gather(1, pick)[:, 0], dist.mean(1), cos.gather(1, pick)[:, 0]
+        return backend.knn(x, k, metric, chunk_bytes)
+    pool = k * x.shape[0]
+    dist, cos = backend.pool_scores(x, pool, chunk_bytes)
+    index = linear_assignment(dist if metric == "l2" else 1.0 - cos)
+    noise = backend.pool_members(torch.empty_like(x), pool, index.tolist())
+    return noise, index, dist, cos
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def _check_common(latents, k, seed, mode, metric):
-    _checks.check_latents(latents)
-    k = _checks.check_k(k)
-    _checks.check_choice("mode", mode, _checks.MODES)
-    _checks.check_choice("metric", metric, _checks.METRICS)
-    seed = _checks.check_seed(seed)
+def _check_common(latents, k, seed, mode, metric, sample_ids):
+    checks.check_latents(latents)
+    k = checks.check_k(k)
+    checks.check_mode(mode)
+    checks.check_metric(metric)
+    seed = checks.check_seed(seed)
     if mode == "assign":
-        _checks.check_assign_size(latents.shape[0], k)
-    return k, seed
+        checks.check_assign_size(latents.shape[0], k)
+    ids = checks.check_sample_ids(sample_ids, latents.shape[0])
+    return k, seed, list(range(latents.shape[0])) if ids is None else ids
 
 
 def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode: str = "knn",
                  metric: str = "l2", backend: str = "auto", return_info: bool = False,
-                 chunk_bytes: int | None = None):
+                 chunk_bytes: int | None = None, sample_ids=None):
     """Gaussian noise paired with ``latents`` (shape ``[B, ...]``): nearest of ``k`` candidates.
 
     Parameters
@@ -181,38 +148,43 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
     return_info : bool
         Also return a :class:`SelectionInfo`.
     chunk_bytes : int, optional
-        Size of one candidate buffer (default: at most 8 MiB and an eighth of one sample's candidates). The result does not depend on it.
+        Size of one candidate buffer (default: at most 8 MiB and an eighth of one sample's
+        candidates; at least one generator group). The result does not depend on it.
+    sample_ids : sequence of int or 1-D int tensor, optional
+        One id in [0, 2**32) per sample; a knn sample's candidates are keyed by its id, so the
+        same (seed, id, latent) gives the same noise at any batch position or batch size.
+        Default: the batch positions ``0..B-1``. The assign pool is shared and ignores them.
 
     Returns
     -------
     noise : Tensor, same shape, dtype and device as ``latents``
     info : SelectionInfo, only with ``return_info=True``
     """
-    k, seed = _check_common(latents, k, seed, mode, metric)
+    k, seed, ids = _check_common(latents, k, seed, mode, metric, sample_ids)
     resolved = resolve_backend(backend, latents.device)
     if seed is None:
         seed = draw_seed()
     x = latents.detach().reshape(latents.shape[0], -1).to(torch.float32).contiguous()
     try:
-        noise, index, dist, mean_dist, cos = _select(_RNGS[resolved](seed), x, k, mode, metric, chunk_bytes)
+        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes)
     except Exception as exc:  # a kernel that fails at run time must never end a training run
         if resolved == "torch":
             raise
-        global _warned_fallback
-        if not _warned_fallback:
-            logger.warning("immiscible: the %s backend failed (%s: %s); falling back to torch from now on",
-                           resolved, type(exc).__name__, exc)
-            _warned_fallback = True
+        _disabled[resolved] = f"{type(exc).__name__}: {exc}"
+        logger.warning("immiscible: the %s backend failed (%s: %s); this process uses torch from now on "
+                       "(immiscible.reset_fallback() tries it again)", resolved, type(exc).__name__, exc)
         resolved = "torch"
-        noise, index, dist, mean_dist, cos = _select(_RNGS[resolved](seed), x, k, mode, metric, chunk_bytes)
+        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes)
     noise = noise.reshape(latents.shape).to(latents.dtype)
     if not return_info:
         return noise
-    return noise, SelectionInfo(index, dist, mean_dist, cos, seed, k, mode, metric, resolved)
+    pick = index[:, None]
+    return noise, SelectionInfo(index, dist.gather(1, pick)[:, 0], dist.mean(1), cos.gather(1, pick)[:, 0],
+                                seed, k, mode, metric, resolved, dist, cos, ids)
 
 
 def candidates(latents: torch.Tensor, k: int, *, seed: int, mode: str = "knn",
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", sample_ids=None) -> torch.Tensor:
     """The fp32 candidates that ``select_noise`` with the same arguments chooses from.
 
     Returns shape ``[B, k, ...]`` for knn and the flat pool ``[k * B, ...]`` for assign, which
@@ -220,13 +192,9 @@ def candidates(latents: torch.Tensor, k: int, *, seed: int, mode: str = "knn",
     """
     if seed is None:
         raise ValueError("candidates() needs an explicit seed (an integer in [0, 2**64))")
-    k, seed = _check_common(latents, k, seed, mode, "l2")
-    rng = _RNGS[resolve_backend(backend, latents.device)](seed)
+    k, seed, ids = _check_common(latents, k, seed, mode, "l2", sample_ids)
+    backend = BACKENDS[resolve_backend(backend, latents.device)](seed, ids)
     batch, sample_shape = latents.shape[0], latents.shape[1:]
-    numel = latents[0].numel()
-    if mode == "knn":
-        runs = [(b, 0, k) for b in range(batch)]
-        out = rng.fill(torch.empty(batch * k, numel, device=latents.device), runs, KNN_STREAM)
-        return out.reshape(batch, k, *sample_shape)
-    out = rng.fill(torch.empty(k * batch, numel, device=latents.device), [(0, 0, k * batch)], POOL_STREAM)
-    return out.reshape(k * batch, *sample_shape)
+    count = k if mode == "knn" else k * batch
+    out = backend.all_candidates(batch, latents[0].numel(), count, mode, latents.device)
+    return out.reshape(batch, k, *sample_shape) if mode == "knn" else out.reshape(count, *sample_shape)

@@ -99,8 +99,8 @@ def test_deterministic_and_independent_of_chunking():
 
 @pytest.mark.parametrize("shape,k", [((2, 4, 64, 64), 10), ((3, 64), 70), ((2, 5, 7, 3), 9)])
 def test_candidate_groups_do_not_leak_into_results(shape, k):
-    # Small samples are drawn G at a time (G = 4 at D=16384, 64 at D=64); chunks that cut
-    # through a group, and k that is not a multiple of G, must not change anything.
+    # Small samples are drawn G at a time (G = min(k, 65536 // D)); chunks of any size, and k
+    # that is not a multiple of G, must not change anything.
     latents = _latents(shape, torch.float32, seed=2)
     numel = latents[0].numel()
     base, info = immiscible.select_noise(latents, k, seed=77, return_info=True)
@@ -108,17 +108,58 @@ def test_candidate_groups_do_not_leak_into_results(shape, k):
         again, info2 = immiscible.select_noise(latents, k, seed=77, return_info=True, chunk_bytes=4 * numel * rows)
         assert torch.equal(base, again) and torch.equal(info.index, info2.index)
     cands = immiscible.candidates(latents, k, seed=77)
-    assert torch.equal(immiscible.candidates(latents, 2, seed=77), cands[:, :2])
     assert torch.equal(info.index, fp64_distances_knn(latents, cands).argmin(1))
     flat = cands.flatten(0, 1).flatten(1)
     assert torch.unique(flat, dim=0).shape[0] == flat.shape[0], "every candidate is a distinct draw"
 
 
-def test_candidate_sets_are_nested_in_k():
-    latents = _latents((2, 4, 4, 4), torch.float32)
-    small = immiscible.candidates(latents, 4, seed=8)
-    large = immiscible.candidates(latents, 32, seed=8)
-    assert torch.equal(small, large[:, :4])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_a_sample_is_keyed_by_its_id_not_its_batch_position(backend, k):
+    latents = _latents((4, 3, 8, 8), torch.float32, seed=6, backend=backend)
+    ids = [7, 0, 123456, 2**32 - 1]
+    noise, info = immiscible.select_noise(latents, k, seed=21, sample_ids=ids, return_info=True, backend=backend)
+    assert info.sample_ids == ids
+    order = [2, 0, 3, 1]
+    shuffled = immiscible.select_noise(latents[order], k, seed=21, sample_ids=[ids[i] for i in order],
+                                       backend=backend)
+    assert torch.equal(shuffled, noise[order])
+    for b in range(4):  # alone, in a batch of one, each sample gets the same noise
+        alone = immiscible.select_noise(latents[b : b + 1], k, seed=21, sample_ids=[ids[b]], backend=backend)
+        assert torch.equal(alone[0], noise[b])
+    cands = immiscible.candidates(latents, k, seed=21, sample_ids=ids, backend=backend)
+    assert torch.equal(noise, cands[torch.arange(4), info.index])
+    default = immiscible.select_noise(latents, k, seed=21, backend=backend)
+    assert torch.equal(default, immiscible.select_noise(latents, k, seed=21, sample_ids=range(4), backend=backend))
+
+
+@pytest.mark.parametrize("mode,columns", [("knn", 9), ("assign", 9 * 3)])
+def test_info_carries_every_candidate_score(mode, columns):
+    latents = _latents((3, 4, 8, 8), torch.float32, seed=3)
+    noise, info = immiscible.select_noise(latents, 9, seed=4, mode=mode, return_info=True)
+    cands = immiscible.candidates(latents, 9, seed=4, mode=mode)
+    ref = fp64_distances_knn(latents, cands) if mode == "knn" else fp64_distances_pool(latents, cands)
+    assert info.distances.shape == info.cosines.shape == (3, columns)
+    torch.testing.assert_close(info.distances.double(), ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(info.mean_distance, info.distances.mean(1))
+    torch.testing.assert_close(info.distance, info.distances.gather(1, info.index[:, None])[:, 0])
+    flat = cands.flatten(2) if mode == "knn" else cands.flatten(1)[None].expand(3, -1, -1)
+    x = latents.double().flatten(1)[:, None, :]
+    cos = (flat.double() * x).sum(-1) / (flat.double().norm(dim=-1) * x.norm(dim=-1))
+    torch.testing.assert_close(info.cosines.double(), cos, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ids,exc,match", [
+    ([0, 1], ValueError, "one id per sample"),
+    ([0, 1, -1], ValueError, r"sample_ids\[i\] must be in \[0, 4294967295\]"),
+    ([0, 1, 2**32], ValueError, r"sample_ids\[i\] must be in"),
+    ([0, 1, 2.0], TypeError, "must be an integer"),
+    (torch.zeros(3), TypeError, "1-D integer tensor"),
+    (5, TypeError, "sequence of 3 integers"),
+])
+def test_bad_sample_ids_are_rejected(ids, exc, match):
+    with pytest.raises(exc, match=match):
+        immiscible.select_noise(torch.zeros(3, 4), 4, seed=0, sample_ids=ids)
 
 
 def test_seed_none_is_governed_by_torch_manual_seed():
@@ -143,19 +184,27 @@ def test_input_is_not_modified():
 def test_triton_failure_falls_back_to_torch_and_warns_once(monkeypatch, caplog):
     from immiscible.kernels import philox_knn
 
+    calls = []
+
     def broken(*args, **kwargs):
+        calls.append(1)
         raise RuntimeError("simulated kernel failure")
 
     monkeypatch.setattr(philox_knn, "knn_partial_scores", broken)
-    monkeypatch.setattr(select_mod, "_warned_fallback", False)
+    monkeypatch.setattr(select_mod, "_disabled", {})
     latents = _latents((2, 4, 8, 8), torch.float32, backend="triton")
     expected = immiscible.select_noise(latents, 6, seed=1, backend="torch")
     with caplog.at_level(logging.WARNING, logger="immiscible.select"):
         for _ in range(3):
             noise, info = immiscible.select_noise(latents, 6, seed=1, backend="triton", return_info=True)
             assert torch.equal(noise, expected) and info.backend == "torch"
-    warnings = [r for r in caplog.records if "falling back to torch" in r.getMessage()]
+    warnings = [r for r in caplog.records if "uses torch from now on" in r.getMessage()]
     assert len(warnings) == 1 and "simulated kernel failure" in warnings[0].getMessage()
+    assert len(calls) == 1, "after the failure the kernel is not tried again"
+    assert "triton" in immiscible.disabled_backends()
+    assert immiscible.resolve_backend("triton", latents.device) == "torch"
+    immiscible.reset_fallback()
+    assert immiscible.resolve_backend("triton", latents.device) == "triton"
 
 
 def test_auto_backend_on_cpu_is_torch():

@@ -4,7 +4,7 @@ Layout follows Triton's tutorials: kernels, then launchers. The reference is
 ``philox_ref.py`` beside this file, the test is ``tests/test_triton_kernel.py`` and the benchmark
 is ``immiscible/bench.py``.
 
-Candidate noise is a pure function of ``(seed, sample, index, stream, element)``: Philox4x32-10
+Candidate noise is a pure function of ``(seed, sample id, index, stream, element)``: Philox4x32-10
 with counter ``(element // 4, index, sample, stream)`` gives four uniforms, Box-Muller turns them
 into four normals. So the scoring kernel never writes a candidate: it keeps two fp32 partial sums
 per candidate (``|n|^2`` and ``x.n``), and the winner is regenerated afterwards. Extra memory is
@@ -41,9 +41,9 @@ def _accumulate(acc_nn, acc_xn, n, x_ptr, d, valid):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def knn_partial_scores_kernel(x_ptr, nn_ptr, xn_ptr, seed, D, D4, K, SPLIT_M, n_splits, stride_xb,
+def knn_partial_scores_kernel(x_ptr, ids_ptr, nn_ptr, xn_ptr, seed, D, D4, K, SPLIT_M, n_splits, stride_xb,
                               BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Partial ``|n|^2`` and ``x.n`` of candidates ``j`` of sample ``b`` over one split of D."""
+    """Partial ``|n|^2`` and ``x.n`` of candidates ``j`` of row ``b`` (sample id ``ids[b]``) over one split of D."""
     b = tl.program_id(0)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     split = tl.program_id(2)
@@ -51,7 +51,7 @@ def knn_partial_scores_kernel(x_ptr, nn_ptr, xn_ptr, seed, D, D4, K, SPLIT_M, n_
     m_end = tl.minimum(m_begin + SPLIT_M, D4)
     zero = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.uint32)
     jj = j.to(tl.uint32)[:, None] + zero
-    ss = zero + b.to(tl.uint32)
+    ss = zero + tl.load(ids_ptr + b).to(tl.uint32)
     acc_nn = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
     acc_xn = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)
     x_row = x_ptr + b.to(tl.int64) * stride_xb
@@ -91,8 +91,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def knn_partial_scores(x: torch.Tensor, k: int, seed: int):
-    """``(|n|^2, x.n)`` as fp32 ``[B, k]`` for every candidate of every sample, never materialized."""
+def knn_partial_scores(x: torch.Tensor, k: int, seed: int, sample_ids: torch.Tensor | None = None):
+    """``(|n|^2, x.n)`` as fp32 ``[B, k]`` for every candidate of every sample, never materialized.
+
+    Row ``b``'s candidates are those of sample id ``sample_ids[b]`` (default: ``b``).
+    """
     batch, numel = x.shape
     d4 = triton.cdiv(numel, 4)
     blocks_m = triton.cdiv(d4, BLOCK_M)
@@ -100,10 +103,13 @@ def knn_partial_scores(x: torch.Tensor, k: int, seed: int):
     splits = 1 if _interpreting() else max(1, min(blocks_m, triton.cdiv(TARGET_PROGRAMS, programs)))
     split_m = triton.cdiv(blocks_m, splits) * BLOCK_M
     splits = triton.cdiv(d4, split_m)
+    if sample_ids is None:
+        sample_ids = torch.arange(batch, device=x.device)
+    sample_ids = sample_ids.to(x.device, torch.int64).contiguous()
     nn = torch.empty(batch, k, splits, dtype=torch.float32, device=x.device)
     xn = torch.empty_like(nn)
     grid = (batch, triton.cdiv(k, BLOCK_J), splits)
-    knn_partial_scores_kernel[grid](x, nn, xn, seed, numel, d4, k, split_m, splits, x.stride(0),
+    knn_partial_scores_kernel[grid](x, sample_ids, nn, xn, seed, numel, d4, k, split_m, splits, x.stride(0),
                                     BLOCK_J=BLOCK_J, BLOCK_M=BLOCK_M)
     return nn.sum(-1), xn.sum(-1)
 

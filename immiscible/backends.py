@@ -1,0 +1,96 @@
+"""The two backends: where candidates come from and how they are scored.
+
+Both give every candidate as a pure function of ``(seed, sample id, index, stream)``, so a
+selection depends on a sample's id, never on its position in the batch. They draw different
+(equally Gaussian) candidates: torch's generators here, Philox in the Triton kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from .scoring import distance_and_cosine, knn_select, pool_distances
+from .seeding import derive_seed
+from .torch_rng import KNN_STREAM, POOL_STREAM, CandidateLayout
+
+
+class TorchBackend:
+    """Candidates from torch's generators (any device), scored in chunks (``scoring.py``)."""
+
+    name = "torch"
+
+    def __init__(self, seed: int, sample_ids: list[int]):
+        self.seed, self.ids = seed, sample_ids
+
+    def _layout(self, numel, count, stream):
+        return CandidateLayout(self.seed, numel, count, stream)
+
+    def knn(self, x, k, metric, chunk_bytes):
+        """``noise [B, D], index [B], dist [B, k], cos [B, k]``."""
+        layout = self._layout(x.shape[1], k, KNN_STREAM)
+        fill = lambda buf, b0, b1, g0, g1: layout.fill(buf, self.ids[b0:b1], g0, g1)  # noqa: E731
+        return knn_select(x, k, fill, layout.group, metric, chunk_bytes)
+
+    def pool_scores(self, x, pool_size, chunk_bytes):
+        layout = self._layout(x.shape[1], pool_size, POOL_STREAM)
+        fill = lambda buf, b0, b1, g0, g1: layout.fill(buf, [0], g0, g1)  # noqa: E731
+        return pool_distances(x, pool_size, fill, layout.group, chunk_bytes)
+
+    def pool_members(self, out, pool_size, index):
+        return self._layout(out.shape[1], pool_size, POOL_STREAM).fill_members(out, [0] * len(index), index)
+
+    def all_candidates(self, batch, numel, count, mode, device):
+        """Every candidate, ``[B * k, D]`` (knn) or ``[pool, D]`` (assign)."""
+        if mode == "knn":
+            layout, ids = self._layout(numel, count, KNN_STREAM), self.ids
+        else:
+            layout, ids = self._layout(numel, count, POOL_STREAM), [0]
+        out = torch.empty(len(ids) * count, numel, device=device)
+        return layout.fill(out, ids, 0, layout.groups)
+
+
+class TritonBackend:
+    """Candidates from the Philox kernels; knn is scored by the fused kernel without materializing."""
+
+    name = "triton"
+
+    def __init__(self, seed: int, sample_ids: list[int]):
+        self.seed = derive_seed(seed)  # 63 bits: a signed 64-bit kernel argument
+        self.ids = sample_ids
+
+    def _write(self, out, sample, index, stream):
+        from .kernels.philox_knn import write_candidates
+
+        return write_candidates(out, self.seed, torch.as_tensor(sample, dtype=torch.int64),
+                                torch.as_tensor(index, dtype=torch.int64), stream)
+
+    def knn(self, x, k, metric, chunk_bytes):
+        from .kernels.philox_knn import knn_partial_scores
+
+        ids = torch.tensor(self.ids, dtype=torch.int64, device=x.device)
+        nn, xn = knn_partial_scores(x, k, self.seed, ids)
+        dist, cos = distance_and_cosine(torch.linalg.vector_norm(x, dim=1).square()[:, None], nn, xn)
+        index = torch.argmin(dist if metric == "l2" else -cos, dim=1)
+        noise = self._write(torch.empty_like(x), self.ids, index.tolist(), KNN_STREAM)
+        return noise, index, dist, cos
+
+    def pool_scores(self, x, pool_size, chunk_bytes):
+        def fill(buf, b0, b1, g0, g1):  # groups of one candidate: group g is pool member g
+            g1 = min(g1, pool_size)
+            return self._write(buf, [0] * (g1 - g0), list(range(g0, g1)), POOL_STREAM)
+
+        return pool_distances(x, pool_size, fill, 1, chunk_bytes)
+
+    def pool_members(self, out, pool_size, index):
+        return self._write(out, [0] * len(index), list(index), POOL_STREAM)
+
+    def all_candidates(self, batch, numel, count, mode, device):
+        if mode == "knn":
+            sample = [i for i in self.ids for _ in range(count)]
+            index = list(range(count)) * len(self.ids)
+            stream = KNN_STREAM
+        else:
+            sample, index, stream = [0] * count, list(range(count)), POOL_STREAM
+        return self._write(torch.empty(len(index), numel, device=device), sample, index, stream)
+
+
+BACKENDS = {"torch": TorchBackend, "triton": TritonBackend}

@@ -1,0 +1,123 @@
+"""The core's public vocabulary: the choices, the ranges and the argument checks.
+
+Every adapter (sd-scripts, musubi-tuner, ComfyUI) imports its option choices and ranges from
+here (re-exported as ``immiscible.MODES``, ``immiscible.K_MAX``, ``immiscible.check_k``, ...),
+so a range changes in one place. Bad user input raises ``ValueError``/``TypeError`` that names
+the argument and its allowed range; ``assert`` is kept for internal invariants only.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+MODES = ("knn", "assign")
+METRICS = ("l2", "cosine")
+BACKENDS = ("auto", "torch", "triton")
+
+#: Smallest ``k``: one candidate, that is plain Gaussian noise (selection off).
+K_MIN = 1
+#: Largest accepted ``k``. Beyond this the selection costs minutes per step and the
+#: effect has long saturated (the reduction grows like sqrt(2 log k)).
+K_MAX = 65536
+#: Largest sample id (``sample_ids``): the Philox counter holds it in one 32-bit word.
+SAMPLE_ID_MAX = 2**32 - 1
+#: Largest accepted assignment cost matrix, ``B * (k * B)`` entries (1 GiB in float64).
+MAX_ASSIGN_COST_ENTRIES = 2**27
+#: Largest accepted elements per sample (the Philox counter holds it in 32 bits, 4 at a time).
+MAX_ELEMENTS_PER_SAMPLE = 2**33
+
+
+def check_int(name: str, value, lo: int, hi: int, note: str = "") -> int:
+    """``value`` as an int in ``[lo, hi]``; ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer in [{lo}, {hi}]{note}, got {value!r} ({type(value).__name__})")
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}]{note}, got {value}")
+    return int(value)
+
+
+def check_k(k, name: str = "k") -> int:
+    """``k`` in ``[K_MIN, K_MAX]``; ``name`` is how the caller's user spells the option."""
+    return check_int(name, k, K_MIN, K_MAX, " (1 = plain Gaussian noise, selection off)")
+
+
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def check_mode(mode, name: str = "mode") -> str:
+    return check_choice(name, mode, MODES)
+
+
+def check_metric(metric, name: str = "metric") -> str:
+    return check_choice(name, metric, METRICS)
+
+
+def check_backend(backend, name: str = "backend") -> str:
+    return check_choice(name, backend, BACKENDS)
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def check_sample_ids(sample_ids, batch: int) -> list[int] | None:
+    """``None`` (ids = batch positions) or ``batch`` integers in ``[0, SAMPLE_ID_MAX]``."""
+    if sample_ids is None:
+        return None
+    if isinstance(sample_ids, torch.Tensor):
+        if sample_ids.is_floating_point() or sample_ids.is_complex() or sample_ids.dim() != 1:
+            raise TypeError(f"sample_ids must be a 1-D integer tensor or a sequence of ints, "
+                            f"got {sample_ids.dtype} of shape {tuple(sample_ids.shape)}")
+        sample_ids = sample_ids.tolist()
+    try:
+        ids = list(sample_ids)
+    except TypeError:
+        raise TypeError(f"sample_ids must be a sequence of {batch} integers, got {type(sample_ids).__name__}") from None
+    if len(ids) != batch:
+        raise ValueError(f"sample_ids must hold one id per sample ({batch}), got {len(ids)}")
+    return [check_int("sample_ids[i]", i, 0, SAMPLE_ID_MAX) for i in ids]
+
+
+def check_latents(latents) -> torch.Tensor:
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor of shape [B, ...], got {type(latents).__name__}")
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must have a floating dtype (float16/bfloat16/float32/float64), got {latents.dtype}")
+    if latents.dim() < 2:
+        raise ValueError(f"latents must have at least 2 dims [B, ...], got shape {tuple(latents.shape)}")
+    if latents.shape[0] < 1:
+        raise ValueError(f"latents must hold at least one sample (batch size >= 1), got shape {tuple(latents.shape)}")
+    if latents[0].numel() < 1:
+        raise ValueError(f"latents must have at least one element per sample, got shape {tuple(latents.shape)}")
+    if latents[0].numel() > MAX_ELEMENTS_PER_SAMPLE:
+        raise ValueError(f"latents may have at most {MAX_ELEMENTS_PER_SAMPLE} elements per sample, "
+                         f"got {latents[0].numel()}")
+    # One fp64 reduction: NaN and Inf propagate, and no finite input overflows it.
+    if not bool(torch.isfinite(latents.sum(dtype=torch.float64))):
+        raise ValueError("latents contain NaN or Inf; immiscible selection needs finite latents")
+    return latents
+
+
+def check_assign_size(batch: int, k: int) -> None:
+    entries = batch * batch * k
+    if entries > MAX_ASSIGN_COST_ENTRIES:
+        raise ValueError(
+            f"mode='assign' with batch size {batch} and k={k} needs a {batch}x{batch * k} cost matrix; "
+            f"batch**2 * k must be at most {MAX_ASSIGN_COST_ENTRIES} (use a smaller k or mode='knn')")
