@@ -23,7 +23,7 @@ demo: venv
 	$(BIN)/python -m immiscible demo $(DEMO_ARGS)
 
 bench: venv
-	$(BIN)/python -m immiscible.bench --quick
+	$(BIN)/python -m immiscible_lab.bench --quick
 
 lint: venv
 	$(BIN)/python -m ruff check .

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, for a lent CUDA machine (about 2-4 minutes):
 #   1. the test suite with the Triton kernels compiled (TRITON_INTERPRET unset), CUDA-only tests included;
-#   2. python -m immiscible.bench --quick on CUDA, JSON included.
+#   2. python -m immiscible_lab.bench --quick on CUDA, JSON included.
 # Logs and JSON go to $OUT (or ./gpu-check-out); a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_s
     tests/test_statistics.py 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 
-timeout 240 $PY -m immiscible.bench --quick --device cuda --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
+timeout 240 $PY -m immiscible_lab.bench --quick --device cuda --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 echo

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import immiscible
-from immiscible.experiment import diffusion, stats
-from immiscible.experiment.data import gaussian_mixture, load_dataset
-from immiscible.experiment.models import MLPDenoiser
-from immiscible.experiment.pairing import Arm, assign_pool, nearest_candidate, pair_noise, parse_arm
-from immiscible.experiment.train import TrainConfig, checkpoints, train_run
+from immiscible_lab.experiment import diffusion, stats
+from immiscible_lab.experiment.data import gaussian_mixture, load_dataset
+from immiscible_lab.experiment.models import MLPDenoiser
+from immiscible_lab.experiment.pairing import Arm, assign_pool, nearest_candidate, pair_noise, parse_arm
+from immiscible_lab.experiment.train import TrainConfig, checkpoints, train_run
 
 pytest.importorskip("scipy")
 
@@ -148,7 +148,7 @@ def test_verdict_rule():
 def test_demo_writes_every_report_file(tmp_path):
     pytest.importorskip("matplotlib")
     from immiscible.__main__ import main
-    from immiscible.experiment.report import expected_files
+    from immiscible_lab.experiment.report import expected_files
 
     out = tmp_path / "report"
     assert main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
@@ -168,7 +168,7 @@ def test_quick_demo_from_the_command_line_writes_every_report_file(tmp_path):
     import subprocess
     import sys
 
-    from immiscible.experiment.report import expected_files
+    from immiscible_lab.experiment.report import expected_files
 
     out = tmp_path / "quick"
     proc = subprocess.run([sys.executable, "-m", "immiscible", "demo", "--quick", "--out", str(out), "--no-progress"],
@@ -183,7 +183,7 @@ def test_quick_demo_from_the_command_line_writes_every_report_file(tmp_path):
 
 
 def test_cli_overrides_and_validation():
-    from immiscible.__main__ import build_parser, demo_config
+    from immiscible_lab.__main__ import build_parser, demo_config
 
     args = build_parser().parse_args(["demo", "--quick", "--steps", "7", "--arms", "vanilla,knn-l2-4",
                                       "--datasets", "gmm", "--sampler-steps", "4,1"])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from immiscible.experiment import metrics
+from immiscible_lab.experiment import metrics
 
 pytest.importorskip("scipy")
 

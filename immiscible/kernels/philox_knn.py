@@ -2,7 +2,7 @@
 
 Layout follows Triton's tutorials: kernels, then launchers. The reference is
 ``philox_ref.py`` beside this file, the test is ``tests/test_triton_kernel.py`` and the benchmark
-is ``immiscible/bench.py``.
+is ``immiscible_lab/bench.py``.
 
 Candidate noise is a pure function of ``(seed, sample id, index, stream, element)``: Philox4x32-10
 with counter ``(element // 4, index, sample, stream)`` gives four uniforms, Box-Muller turns them

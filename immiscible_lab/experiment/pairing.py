@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..assign import linear_assignment
-from ..scoring import distance_and_cosine
+from immiscible.assign import linear_assignment
+from immiscible.scoring import distance_and_cosine
 
 DEFAULT_ARMS = ("vanilla", "knn-l2-4", "knn-l2-64", "knn-cosine-4", "knn-cosine-64", "assign-l2-1")
 _ARM_RE = re.compile(r"^(knn|assign)(?:-(l2|cosine))?(?:-(\d+))?$")
@@ -94,7 +94,7 @@ def library_select_ms(arm: Arm, batch: int, dim: int, *, repeats: int = 3, seed:
     """Wall-clock ms of one ``immiscible.select_noise`` call (torch backend) at this shape; 0 for vanilla."""
     if arm.mode == "vanilla":
         return 0.0
-    from ..select import select_noise
+    from immiscible import select_noise
 
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed))
     select_noise(x, arm.k, seed=seed, mode=arm.mode, metric=arm.metric, backend="torch")  # warm-up

@@ -27,7 +27,7 @@ def _sem(x: torch.Tensor) -> float:
 def effect_row(dim: int, k: int, *, mode: str = "knn", metric: str = "l2", batch: int = 16,
                seed: int = 0) -> dict:
     """One Monte-Carlo cell: ``batch`` standard-normal latents of ``dim`` elements, ``select_noise(..., k)``."""
-    from ..select import select_noise
+    from immiscible import select_noise
 
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, dim, generator=gen)

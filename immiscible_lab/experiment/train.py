@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..seeding import derive_seed
+from immiscible import derive_seed
 from . import diffusion, metrics
 from .data import Dataset
 from .models import MLPDenoiser, ema_update_

@@ -1,6 +1,6 @@
 """Benchmark: naive materialized KNN vs the torch backend vs the fused Triton kernel, in one run.
 
-    python -m immiscible.bench [--quick] [--device cpu|cuda] [--json PATH]
+    python -m immiscible_lab.bench [--quick] [--device cpu|cuda] [--json PATH]
 
 Prints a table of median time and peak extra memory per implementation, with ratios to the
 naive baseline (which materializes ``[B, k, D]`` candidates and scores them in fp32, as
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import select_noise, candidates
+from immiscible import candidates, select_noise
 
 FULL_GRID = {"B": (1, 4, 16), "k": (4, 64, 256), "D": (16384, 65536, 262144)}
 QUICK_GRID = {"B": (1, 16), "k": (4, 256), "D": (16384, 65536)}
@@ -227,7 +227,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m immiscible.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m immiscible_lab.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 2x2x2 grid and 3 repeats instead of 3x3x3 and 5")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", metavar="PATH", help="write the environment and every row as JSON here")
