@@ -1,6 +1,6 @@
 """ComfyUI V3 nodes: Immiscible Noise (a NOISE source) and Immiscible Noise Preview.
 
-Thin wrappers: the work is in ``comfy_nodes.noise`` and the pictures in ``immiscible.viz``.
+Thin wrappers: the work is in ``comfy_nodes.noise`` and the pictures in ``comfy_nodes.viz``.
 """
 from __future__ import annotations
 

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 import immiscible
-from immiscible import _checks, derive_seed, viz
+from immiscible import derive_seed
+
+from . import viz
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +217,10 @@ class ImmiscibleNoise:
 
     def __init__(self, seed: int, k: int, mode: str = "knn", metric: str = "l2", model=None,
                  latent_format: str = "auto"):
-        _checks.check_k(k)
-        _checks.check_choice("mode", mode, _checks.MODES)
-        _checks.check_choice("metric", metric, _checks.METRICS)
-        if _checks.check_seed(seed) is None:
+        immiscible.check_k(k)
+        immiscible.check_mode(mode)
+        immiscible.check_metric(metric)
+        if immiscible.check_seed(seed) is None:
             raise ValueError("seed must be an integer in [0, 2**64)")
         self.seed, self.k, self.mode, self.metric = int(seed), int(k), mode, metric
         self.model, self.latent_format = model, latent_format

@@ -261,7 +261,7 @@ def test_preview_reduction_is_positive_for_k_above_one():
     from comfy_nodes import noise as core
 
     res = core.preview(_latent(2, 4, 8, 8), 32, "knn", "l2", 0, 0.5)
-    from immiscible import viz
+    from comfy_nodes import viz
 
     rows = viz.stats_rows(res.data)
     assert rows[1]["reduction_vs_candidates"] > 0

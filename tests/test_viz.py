@@ -1,11 +1,11 @@
-"""immiscible.viz: pure rendering, tensors in, RGB arrays out."""
+"""comfy_nodes.viz: pure rendering, tensors in, RGB arrays out."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from immiscible import viz
+from comfy_nodes import viz
 
 
 def _gen(seed=0):

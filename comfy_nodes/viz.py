@@ -5,7 +5,7 @@ Every tensor is in *model space* (the space where the noise is standard Gaussian
 format's ``process_in``), one sample per leading index: ``[B, C, H, W]`` or ``[B, C, T, H, W]``.
 
 >>> import torch
->>> from immiscible import viz
+>>> from comfy_nodes import viz
 >>> viz.latent_to_rgb(torch.zeros(4, 8, 8)).shape
 (8, 8, 3)
 """
@@ -31,8 +31,7 @@ def _require_matplotlib():
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError("immiscible.viz needs matplotlib: pip install 'immiscible-diffusion[plot]' "
-                          "(or: pip install matplotlib)") from exc
+        raise ImportError("the preview sheet needs matplotlib: pip install matplotlib") from exc
     return plt
 
 
