@@ -24,6 +24,14 @@ import torch
 from immiscible import candidates, select_noise
 
 FULL_GRID = {"B": (1, 4, 16), "k": (4, 64, 256), "D": (16384, 65536, 262144)}
+#: Time of the torch backend over naive that each shape must stay within (issue 8): 1.25x at the
+#: grid's shapes, CIFAR-10's pixel space (D=3072) and B=1 at SDXL size; 5x at the demo's D=64,
+#: where one generator seeding per sample (what keys candidates by sample id) costs more than
+#: naive's whole draw.
+BOUND = 1.25
+SMALL_D_BOUND = 5.0
+EXTRA_BOUND_SHAPES = [(128, 4, 3072), (128, 16, 3072), (128, 64, 3072), (1, 4, 65536),
+                      (128, 4, 64), (128, 16, 64), (128, 64, 64)]
 QUICK_GRID = {"B": (1, 16), "k": (4, 256), "D": (16384, 65536)}
 NAIVE_MAX_BYTES = 6 * 2**30  # skip the naive baseline beyond this (it needs ~2x this in RAM)
 
@@ -212,6 +220,56 @@ def run(grid: dict, device: str, repeats: int, progress: bool = True) -> list[di
     return rows
 
 
+def bound_shapes(grid: dict) -> list[tuple[int, int, int, float]]:
+    """``(B, k, D, bound)`` for every shape of ``grid`` and the extra shapes."""
+    shapes = [(b, k, d) for d in grid["D"] for k in grid["k"] for b in grid["B"]]
+    shapes += [s for s in EXTRA_BOUND_SHAPES if s not in shapes]
+    return [(b, k, d, SMALL_D_BOUND if d <= 64 else BOUND) for b, k, d in shapes]
+
+
+def check_bounds(shapes, device: str, repeats: int, progress: bool = True) -> list[dict]:
+    """Torch backend against naive, interleaved call by call, median of ``repeats`` each: PASS/FAIL."""
+    from tqdm import tqdm
+
+    impl = _impls(device)["torch"]
+    rows = []
+    for b, k, d, bound in tqdm(shapes, desc="bounds", disable=not progress):
+        row = {"B": b, "k": k, "D": d, "bound": bound}
+        if b * k * d * 4 > NAIVE_MAX_BYTES:
+            row.update(verdict="n/a", skipped=f"naive needs {b * k * d * 4 / 2**30:.1f} GiB of candidates")
+            rows.append(row)
+            continue
+        x = torch.randn(b, d, device=device)
+        fns = {"naive": lambda: naive_knn(x, k, 1234), "torch": lambda: impl(x, k, 1234)}
+        times = {name: [] for name in fns}
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+        naive_ms, torch_ms = (1e3 * statistics.median(times[n]) for n in ("naive", "torch"))
+        ratio = torch_ms / naive_ms
+        row.update(naive_ms=naive_ms, torch_ms=torch_ms, ratio=ratio, verdict="PASS" if ratio <= bound else "FAIL")
+        rows.append(row)
+    return rows
+
+
+def format_bounds(rows: list[dict]) -> str:
+    head = f"{'B':>4} {'k':>4} {'D':>7} {'naive ms':>10} {'torch ms':>10} {'torch/naive':>11} {'bound':>6}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['B']:>4} {r['k']:>4} {r['D']:>7}   {r['skipped']}")
+            continue
+        lines.append(f"{r['B']:>4} {r['k']:>4} {r['D']:>7} {r['naive_ms']:>10.2f} {r['torch_ms']:>10.2f} "
+                     f"{r['ratio']:>11.2f} {r['bound']:>5.2f}x  {r['verdict']}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'B':>3} {'k':>4} {'D':>7} {'impl':>7} {'median ms':>10} {'peak MiB':>9} {'x naive':>8} {'mem/naive':>9}"
     lines = [head, "-" * len(head)]
@@ -235,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--B", type=int, nargs="+", help="batch sizes (overrides the grid)")
     p.add_argument("--k", type=int, nargs="+", help="candidates per sample (overrides the grid)")
     p.add_argument("--D", type=int, nargs="+", help="elements per sample (overrides the grid)")
+    p.add_argument("--bounds", action="store_true",
+                   help="only the speed bounds: torch backend vs naive, interleaved, at the grid's shapes and the "
+                        f"extra ones, PASS/FAIL against {BOUND}x ({SMALL_D_BOUND}x at D=64)")
     args = p.parse_args(argv)
     grid = dict(QUICK_GRID if args.quick else FULL_GRID)
     for key in ("B", "k", "D"):
@@ -242,6 +303,20 @@ def main(argv: list[str] | None = None) -> int:
             grid[key] = tuple(getattr(args, key))
     repeats = args.repeats or (3 if args.quick else 5)
     env = environment(args.device)
+    if args.bounds:
+        repeats = max(5, args.repeats or 7)
+        rows = check_bounds(bound_shapes(grid), args.device, repeats)
+        print(f"\n{env['device']} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, {env['threads']} threads, "
+              f"{env['date']}; median of {repeats} interleaved repeats")
+        print(format_bounds(rows))
+        failed = [r for r in rows if r["verdict"] == "FAIL"]
+        print(f"\n{len(rows) - len(failed)} of {len(rows)} shapes within their bound" +
+              (f"; FAIL: {[(r['B'], r['k'], r['D']) for r in failed]}" if failed else ""))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "repeats": repeats, "bounds": rows}, f, indent=2)
+            print(f"wrote {args.json}")
+        return 0
     rows = run(grid, args.device, repeats)
     cdist = fp16_cdist_failure(args.device)
     print(f"\n{env['device']} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, triton {env['triton']}, "

@@ -9,7 +9,7 @@ import immiscible
 from immiscible_lab.experiment import diffusion, stats
 from immiscible_lab.experiment.data import gaussian_mixture, load_dataset
 from immiscible_lab.experiment.models import MLPDenoiser
-from immiscible_lab.experiment.pairing import Arm, assign_pool, nearest_candidate, pair_noise, parse_arm
+from immiscible_lab.experiment.pairing import Arm, pair_noise, parse_arm
 from immiscible_lab.experiment.train import TrainConfig, checkpoints, train_run
 
 pytest.importorskip("scipy")
@@ -18,22 +18,14 @@ pytest.importorskip("scipy")
 # --------------------------------------------------------------------------- pairing
 
 
+@pytest.mark.parametrize("mode,k", [("knn", 16), ("assign", 2)])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_nearest_candidate_matches_the_library(metric):
-    latents = torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    cands = immiscible.candidates(latents, 16, seed=7, backend="torch")
-    _, info = immiscible.select_noise(latents, 16, seed=7, metric=metric, backend="torch", return_info=True)
-    ours = nearest_candidate(latents.flatten(1), cands.flatten(2), metric)
-    assert torch.equal(ours, info.index)
-
-
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_assign_pool_matches_the_library(metric):
-    latents = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(1))
-    pool = immiscible.candidates(latents, 2, seed=3, mode="assign", backend="torch")
-    _, info = immiscible.select_noise(latents, 2, seed=3, mode="assign", metric=metric, backend="torch",
-                                      return_info=True)
-    assert torch.equal(assign_pool(latents.flatten(1), pool.flatten(1), metric), info.index)
+def test_pair_noise_is_the_library_selection(mode, k, metric):
+    latents = torch.randn(8, 12, generator=torch.Generator().manual_seed(0))
+    ours = pair_noise(latents, Arm(mode, k, metric), generator=torch.Generator().manual_seed(5))
+    seed = immiscible.draw_seed(torch.Generator().manual_seed(5))
+    assert torch.equal(ours, immiscible.select_noise(latents, k, seed=seed, mode=mode, metric=metric,
+                                                     backend="torch"))
 
 
 def test_pair_noise_arms():
@@ -42,10 +34,9 @@ def test_pair_noise_arms():
     assert torch.equal(van, torch.randn(32, 8, generator=torch.Generator().manual_seed(1)))
     knn = pair_noise(x, Arm("knn", 64), generator=torch.Generator().manual_seed(1))
     assert (x - knn).square().sum() < (x - van).square().sum()
-    gen = torch.Generator().manual_seed(2)
-    perm = pair_noise(x, Arm("assign", 1), generator=gen)
-    pool = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
-    # k = 1: a permutation of the batch's own noise
+    perm = pair_noise(x, Arm("assign", 1), generator=torch.Generator().manual_seed(2))
+    pool = immiscible.candidates(x, 1, seed=immiscible.draw_seed(torch.Generator().manual_seed(2)), mode="assign")
+    # k = 1: a permutation of the batch's own pool
     assert torch.equal(torch.sort(perm.flatten()).values, torch.sort(pool.flatten()).values)
 
 

@@ -106,10 +106,10 @@ def _tasks(cfg: DemoConfig) -> list:
              for a in cfg.arms for s in range(cfg.seeds)]
     # Longest first (large k on the larger data set) so the workers finish together.
     cost = {a: parse_arm(a).k for a in cfg.arms}
-    return sorted(tasks, key=lambda t: -(t[4].steps * t[4].hidden**2 * (1 + cost[t[2]] * load_dataset_dim(t[0]) / 4096)))
+    return sorted(tasks, key=lambda t: -(t[4].steps * t[4].hidden**2 * (1 + cost[t[2]] * dataset_dim(t[0]) / 4096)))
 
 
-def load_dataset_dim(name: str) -> int:
+def dataset_dim(name: str) -> int:
     return {"gmm": 2, "digits": 64}.get(name, 1)
 
 
@@ -156,7 +156,7 @@ def library_timings(cfg: DemoConfig) -> dict:
     for d in cfg.datasets:
         for a in cfg.arms:
             arm = parse_arm(a)
-            out[f"{d}/{arm.name}"] = library_select_ms(arm, cfg.train_for(d).batch_size, load_dataset_dim(d))
+            out[f"{d}/{arm.name}"] = library_select_ms(arm, cfg.train_for(d).batch_size, dataset_dim(d))
     return out
 
 
