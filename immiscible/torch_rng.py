@@ -50,11 +50,9 @@ def group_seeds(seed: int, sample_ids, groups: int, stream: int) -> np.ndarray:
 def draw_groups(out: torch.Tensor, seeds, sizes) -> torch.Tensor:
     """Fill consecutive rows of fp32 ``out`` (``[sum(sizes), D]``) with one group per seed."""
     gen = _generator(out.device)
-    row = 0
-    for s, n in zip(seeds, sizes):
+    for s, rows in zip(seeds, out[: sum(sizes)].split(sizes)):  # views made in one call: small D is loop-bound
         gen.manual_seed(s)
-        out[row : row + n].normal_(generator=gen)
-        row += n
+        rows.normal_(generator=gen)
     return out
 
 
