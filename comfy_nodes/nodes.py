@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import inspect
 
+import immiscible
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-from . import noise as core
+from .noise import FORMATS, MAX_SEED, Noise_Immiscible, preview
 
 CATEGORY = "sampling/noise/immiscible"
 
@@ -22,26 +23,26 @@ def _advanced(input_cls, *args, **kwargs):
 
 
 def _seed_input():
-    return io.Int.Input("seed", default=0, min=0, max=core.MAX_SEED, control_after_generate=True,
+    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                         tooltip="Seed of the candidate noise. The same seed, latent and settings give the same noise.")
 
 
 def _k_input(default: int):
-    return io.Int.Input("k", default=default, min=1, max=4096,
+    return io.Int.Input("k", default=default, min=immiscible.K_MIN, max=immiscible.K_MAX,
                         tooltip="Candidates per sample (knn) or pool size per sample (assign). 1 = plain Gaussian "
                                 "noise (knn). Released values: 64 for Stable Diffusion latents, 4 for flow "
                                 "matching.")
 
 
 def _mode_input():
-    return _advanced(io.Combo.Input, "mode", options=["knn", "assign"], default="knn",
+    return _advanced(io.Combo.Input, "mode", options=list(immiscible.MODES), default="knn",
                      tooltip="knn: each sample keeps the nearest of its own k candidates (Improved Immiscible "
                              "Diffusion). assign: a linear assignment of the batch to a pool of k*B noises "
                              "(Immiscible Diffusion, needs scipy).")
 
 
 def _metric_input():
-    return _advanced(io.Combo.Input, "metric", options=["l2", "cosine"], default="l2",
+    return _advanced(io.Combo.Input, "metric", options=list(immiscible.METRICS), default="l2",
                      tooltip="l2: nearest candidate (also favours slightly shorter noise). cosine: most aligned "
                              "candidate, keeping the noise norm exactly Gaussian.")
 
@@ -53,7 +54,7 @@ def _model_input():
 
 
 def _format_input():
-    return _advanced(io.Combo.Input, "latent_format", options=list(core.FORMATS), default="auto",
+    return _advanced(io.Combo.Input, "latent_format", options=list(FORMATS), default="auto",
                      tooltip="Latent space when no model is connected. auto: 4 channels = sd15, 16 channels = "
                              "flux (4-D) or wan (5-D), anything else raw (no conversion).")
 
@@ -76,7 +77,7 @@ class ImmiscibleNoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed, k, mode="knn", metric="l2", model=None, latent_format="auto") -> io.NodeOutput:
-        return io.NodeOutput(core.ImmiscibleNoise(seed, k, mode, metric, model, latent_format))
+        return io.NodeOutput(Noise_Immiscible(seed, k, mode, metric, model, latent_format))
 
 
 class ImmiscibleNoisePreview(io.ComfyNode):
@@ -118,14 +119,14 @@ class ImmiscibleNoisePreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, k, mode, metric, seed, t, model=None, latent_format="auto") -> io.NodeOutput:
-        result = core.preview(latent, k, mode, metric, seed, t, model, latent_format)
+        result = preview(latent, k, mode, metric, seed, t, model, latent_format)
         sheet = torch.from_numpy(result.sheet).float().div_(255.0).unsqueeze(0)
         outs = []
         for name in ("assigned_noise", "random_noise", "noisy_assigned", "noisy_random"):
             out = {key: value for key, value in latent.items() if key == "batch_index"}
             out.update(result.latents[name])
             outs.append(out)
-        return io.NodeOutput(sheet, *outs, result.stats)
+        return io.NodeOutput(sheet, *outs, result.text)
 
 
 NODES = [ImmiscibleNoise, ImmiscibleNoisePreview]

@@ -15,13 +15,16 @@ Noise levels. The preview shows ``x`` noised at ``t`` in [0, 1]:
 
 Determinism and ``batch_index``. ``comfy.sample.prepare_noise`` gives the sample whose
 ``batch_index`` is ``i`` the ``i``-th draw of the seed, so a latent split off a batch gets the
-noise it had in the batch. Here sample ``b`` with batch index ``i`` is selected (knn) from the
-candidates of ``derive_seed(seed, i)``, which gives the same property. ``mode="assign"`` couples
-the whole batch; its pool is seeded from ``derive_seed(seed, *batch_indices)``.
+noise it had in the batch. Here the batch is selected in one ``immiscible.select_noise`` call with
+``sample_ids`` = the batch indices: a knn sample's candidates are keyed by its batch index, which
+gives the same property. ``mode="assign"`` couples the whole batch; its pool is seeded from
+``derive_seed(seed, *batch_indices)``. Selection runs on the CPU with torch's generators, so a
+seed gives the same noise on any machine.
 """
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +44,7 @@ _COMFY_FORMAT_CLASSES = {"sd15": "SD15", "sdxl": "SDXL", "sd3": "SD3", "flux": "
 # (scale, shift) of process_in, used only where comfy.latent_formats cannot be imported (unit tests).
 _AFFINE_FALLBACK = {"sd15": (0.18215, 0.0), "sdxl": (0.13025, 0.0), "sd3": (1.5305, 0.0609),
                     "flux": (0.3611, 0.1159), "wan": (1.0, 0.0), "raw": (1.0, 0.0)}
+#: ComfyUI's seed widget range (``RandomNoise``'s); ``immiscible.check_seed`` accepts all of it.
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
@@ -148,6 +152,13 @@ def latent_space(samples: torch.Tensor, model=None, latent_format: str = "auto")
 # --------------------------------------------------------------------------- noise
 
 
+def check_settings(seed, k, mode, metric) -> tuple[int, int, str, str]:
+    """The node settings, checked with the core's vocabulary."""
+    if immiscible.check_seed(seed) is None:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}]")
+    return int(seed), immiscible.check_k(k), immiscible.check_mode(mode), immiscible.check_metric(metric)
+
+
 def check_latent(latent) -> torch.Tensor:
     """The ``samples`` of a LATENT dict, checked: a float tensor ``[B, C, H, W]`` or ``[B, C, T, H, W]``."""
     if not isinstance(latent, dict) or "samples" not in latent:
@@ -162,13 +173,22 @@ def check_latent(latent) -> torch.Tensor:
 
 
 def batch_indices(latent: dict, batch: int) -> list[int]:
+    """``latent["batch_index"]`` (ComfyUI's convention; ``0..B-1`` when absent), checked as sample ids."""
     inds = latent.get("batch_index")
     if inds is None:
         return list(range(batch))
-    inds = [int(i) for i in inds]
+    inds = list(inds)
     if len(inds) != batch:
         raise ValueError(f"latent['batch_index'] has {len(inds)} entries for a batch of {batch}")
-    return inds
+    return [immiscible.check_int("latent['batch_index'][i]", _as_int(i), 0, immiscible.SAMPLE_ID_MAX) for i in inds]
+
+
+def _as_int(value):
+    """``value`` as a Python int when it is an integer of any kind (numpy, 0-d tensor); else unchanged."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def comfy_random_noise(samples: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
@@ -186,19 +206,13 @@ def comfy_random_noise(samples: torch.Tensor, seed: int, batch_index=None) -> to
     return torch.cat([draws[int(unique[j])] for j in np.asarray(inverse).reshape(-1)], 0)
 
 
-def select_for_batch(x: torch.Tensor, k: int, seed: int, mode: str, metric: str, indices: list[int]):
-    """Selection against model-space ``x`` keyed by batch index; returns ``(noise, [SelectionInfo])``."""
+def select(x: torch.Tensor, k: int, seed: int, mode: str, metric: str, indices: list[int]):
+    """One selection against model-space ``x`` keyed by batch index; returns ``(noise, SelectionInfo)``."""
     if mode == "knn":
-        noises, infos = [], []
-        for b, i in enumerate(indices):
-            n, info = immiscible.select_noise(x[b : b + 1], k, seed=derive_seed(seed, i), mode="knn",
-                                              metric=metric, backend="torch", return_info=True)
-            noises.append(n)
-            infos.append(info)
-        return torch.cat(noises, 0), infos
-    n, info = immiscible.select_noise(x, k, seed=derive_seed(seed, *indices), mode=mode, metric=metric,
-                                      backend="torch", return_info=True)
-    return n, [info]
+        return immiscible.select_noise(x, k, seed=seed, mode="knn", metric=metric, backend="torch",
+                                       sample_ids=indices, return_info=True)
+    return immiscible.select_noise(x, k, seed=derive_seed(seed, *indices), mode=mode, metric=metric,
+                                   backend="torch", return_info=True)
 
 
 _logged_zero = False
@@ -212,58 +226,40 @@ def _log_zero_once():
         _logged_zero = True
 
 
-class ImmiscibleNoise:
-    """A ComfyUI NOISE source: ``.seed`` and ``generate_noise(latent) -> CPU noise in model space``."""
+class Noise_Immiscible:
+    """A ComfyUI NOISE source: ``.seed`` and ``generate_noise(latent) -> CPU noise in model space``.
+
+    Named after ComfyUI's ``Noise_RandomNoise``; the node that returns it is ``nodes.ImmiscibleNoise``.
+    """
 
     def __init__(self, seed: int, k: int, mode: str = "knn", metric: str = "l2", model=None,
                  latent_format: str = "auto"):
-        immiscible.check_k(k)
-        immiscible.check_mode(mode)
-        immiscible.check_metric(metric)
-        if immiscible.check_seed(seed) is None:
-            raise ValueError("seed must be an integer in [0, 2**64)")
-        self.seed, self.k, self.mode, self.metric = int(seed), int(k), mode, metric
+        self.seed, self.k, self.mode, self.metric = check_settings(seed, k, mode, metric)
         self.model, self.latent_format = model, latent_format
         self.last_info = None
 
     def generate_noise(self, input_latent: dict) -> torch.Tensor:
         samples = check_latent(input_latent)
         indices = batch_indices(input_latent, samples.shape[0])
-        batch_index = input_latent.get("batch_index")
         if torch.count_nonzero(samples) == 0:
             _log_zero_once()
-            return comfy_random_noise(samples, self.seed, batch_index)
+            return comfy_random_noise(samples, self.seed, input_latent.get("batch_index"))
         space = latent_space(samples, self.model, self.latent_format)
         x = space.to_model(samples.detach().to("cpu", torch.float32))
-        noise, self.last_info = select_for_batch(x, self.k, self.seed, self.mode, self.metric, indices)
+        noise, self.last_info = select(x, self.k, self.seed, self.mode, self.metric, indices)
         return noise.to(dtype=samples.dtype, device="cpu")
 
 
 # --------------------------------------------------------------------------- preview
 
 
-def candidate_distances(x: torch.Tensor, k: int, seed: int, mode: str, indices: list[int], infos):
-    """Squared distances ``[B, M]`` from ``x[b]`` to the candidates the selection chose among, and the choice."""
-    flat = x.reshape(x.shape[0], -1)
-    if mode == "knn":
-        rows = []
-        for b, i in enumerate(indices):
-            cand = immiscible.candidates(x[b : b + 1], k, seed=derive_seed(seed, i), mode="knn", backend="torch")
-            rows.append((cand.reshape(k, -1) - flat[b]).square().sum(1))
-        chosen = torch.cat([info.index for info in infos])
-        return torch.stack(rows), chosen
-    pool = immiscible.candidates(x, k, seed=derive_seed(seed, *indices), mode=mode, backend="torch")
-    pool = pool.reshape(pool.shape[0], -1)
-    dist = torch.stack([(pool - flat[b]).square().sum(1) for b in range(flat.shape[0])])
-    return dist, infos[0].index
-
-
 @dataclass
 class PreviewResult:
     sheet: np.ndarray              # uint8 [H, W, 3]
     latents: dict                  # assigned_noise, random_noise, noisy_assigned, noisy_random (VAE space)
-    stats: str
+    text: str                      # the statistics table as text (the node's STRING output)
     data: viz.PreviewData
+    stats: viz.PreviewStats
 
 
 def check_t(t) -> float:
@@ -277,7 +273,7 @@ def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, m
     """Everything the Immiscible Noise Preview node outputs."""
     t = check_t(t)
     samples = check_latent(latent)
-    ImmiscibleNoise(seed, k, mode, metric, model, latent_format)  # validates the settings up front
+    seed, k, mode, metric = check_settings(seed, k, mode, metric)
     indices = batch_indices(latent, samples.shape[0])
     space = latent_space(samples, model, latent_format)
     x = space.to_model(samples.detach().to("cpu", torch.float32))
@@ -285,19 +281,22 @@ def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, m
     settings = {"k": k, "mode": mode, "metric": metric, "seed": seed, "format": space.name,
                 "mixing": "flow" if space.flow else "eps", "sigma": f"{space.sigma(t):.3g}"}
     if torch.count_nonzero(samples) == 0:
+        # Nothing to align to: the one "candidate" is the random noise itself.
         _log_zero_once()
         assigned = random_noise.clone()
-        dists = viz.noise_stats(x, assigned)["distance"]
-        cand, chosen = torch.from_numpy(dists)[:, None], torch.zeros(x.shape[0], dtype=torch.long)
+        own = viz.noise_stats(x, random_noise)
+        distances, cosines = (torch.from_numpy(own[key])[:, None] for key in ("distance", "cosine"))
+        chosen = torch.zeros(x.shape[0], dtype=torch.long)
         settings["note"] = "all-zero latent: plain noise"
     else:
-        assigned, infos = select_for_batch(x, k, seed, mode, metric, indices)
-        cand, chosen = candidate_distances(x, k, seed, mode, indices, infos)
+        assigned, info = select(x, k, seed, mode, metric, indices)
+        distances, cosines, chosen = info.distances, info.cosines, info.index
     noisy_random, noisy_assigned = space.mix(x, random_noise, t), space.mix(x, assigned, t)
-    data = viz.PreviewData(x, random_noise, assigned, noisy_random, noisy_assigned, cand, chosen, t, settings,
-                           getattr(space.format, "latent_rgb_factors", None),
+    data = viz.PreviewData(x, random_noise, assigned, noisy_random, noisy_assigned, distances, cosines, chosen, t,
+                           settings, getattr(space.format, "latent_rgb_factors", None),
                            getattr(space.format, "latent_rgb_factors_bias", None),
                            1.0 if space.flow else 1.0 / (1.0 + space.sigma(t) ** 2) ** 0.5)
+    stats = viz.preview_stats(data)
     dtype = samples.dtype
 
     def out(z):
@@ -305,4 +304,5 @@ def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, m
 
     latents = {"assigned_noise": out(assigned), "random_noise": out(random_noise),
                "noisy_assigned": out(noisy_assigned), "noisy_random": out(noisy_random)}
-    return PreviewResult(viz.render_preview_sheet(data, max_rows=max_rows), latents, viz.format_stats(data), data)
+    return PreviewResult(viz.render_preview_sheet(data, stats, max_rows=max_rows), latents,
+                         viz.format_stats(data, stats), data, stats)

@@ -1,6 +1,8 @@
-"""Pictures of a selection: assigned versus random noise, as RGB arrays (matplotlib Agg).
+"""The Immiscible Noise Preview's pictures and numbers: assigned versus random noise, as RGB arrays.
 
-Pure functions from tensors to ``numpy`` arrays; nothing here knows about ComfyUI or sd-scripts.
+Pure functions from tensors to ``numpy`` arrays (matplotlib Agg); nothing here imports ComfyUI.
+The candidates' scores come in from the selection (``SelectionInfo.distances`` / ``.cosines``);
+:func:`preview_stats` derives every statistic from them once, and the sheet and the text read it.
 Every tensor is in *model space* (the space where the noise is standard Gaussian, after a latent
 format's ``process_in``), one sample per leading index: ``[B, C, H, W]`` or ``[B, C, T, H, W]``.
 
@@ -16,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["latent_to_rgb", "noise_stats", "pairing_projection", "count_crossings", "figure_to_rgb",
-           "PreviewData", "stats_rows", "format_stats", "render_preview_sheet"]
+__all__ = ["latent_to_rgb", "noise_moments", "noise_stats", "pairing_projection", "count_crossings", "figure_to_rgb",
+           "PreviewData", "PreviewStats", "preview_stats", "stats_rows", "format_stats", "render_preview_sheet"]
 
 #: Colours of the two pairings, used in every panel.
 RANDOM_COLOR = "#d62728"
@@ -75,21 +77,30 @@ def latent_to_rgb(latent: torch.Tensor, rgb_factors=None, rgb_bias=None) -> np.n
 # --------------------------------------------------------------------------- numbers
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(t.shape[0], -1).to("cpu", torch.float32)
+
+
+def noise_moments(noise: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-sample ``mean`` and ``std`` of ``noise`` (``[B, ...]``), arrays of shape ``[B]``."""
+    n = _flat(noise)
+    return {"mean": n.mean(1).numpy(),
+            "std": n.std(1).numpy() if n.shape[1] > 1 else np.zeros(n.shape[0], np.float32)}
+
+
 def noise_stats(latents: torch.Tensor, noise: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-sample statistics of ``noise`` against ``latents`` (both ``[B, ...]``), in fp32.
 
     Returns arrays of shape ``[B]``: ``distance`` (squared L2), ``cosine``, ``mean`` and ``std``
     of the noise.
     """
-    x = latents.detach().reshape(latents.shape[0], -1).to("cpu", torch.float32)
-    n = noise.detach().reshape(noise.shape[0], -1).to("cpu", torch.float32)
+    x, n = _flat(latents), _flat(noise)
     if x.shape != n.shape:
         raise ValueError(f"latents and noise must have the same shape, got {tuple(latents.shape)} "
                          f"and {tuple(noise.shape)}")
     dist = (x - n).square().sum(1)
     cos = (x * n).sum(1) / (x.norm(dim=1) * n.norm(dim=1)).clamp_min(1e-30)
-    return {"distance": dist.numpy(), "cosine": cos.numpy(), "mean": n.mean(1).numpy(),
-            "std": n.std(1).numpy() if n.shape[1] > 1 else np.zeros(n.shape[0], np.float32)}
+    return {"distance": dist.numpy(), "cosine": cos.numpy(), **noise_moments(noise)}
 
 
 def pairing_projection(latents: torch.Tensor, *noises: torch.Tensor):
@@ -154,8 +165,10 @@ def figure_to_rgb(fig) -> np.ndarray:
 class PreviewData:
     """Everything the preview sheet shows; tensors in model space, ``[B, ...]``.
 
-    ``candidate_distances`` is ``[B, M]``: squared distances from each latent to the candidates it
-    chose among (its own ``k`` for knn, the shared pool for assign), ``chosen`` ``[B]`` indexes it.
+    ``candidate_distances`` and ``candidate_cosines`` are ``[B, M]``: the squared distance and the
+    cosine from each latent to every candidate it chose among (its own ``k`` for knn, the shared
+    pool for assign), as ``SelectionInfo.distances`` / ``.cosines`` give them; ``chosen`` ``[B]``
+    indexes them.
     """
 
     latents: torch.Tensor
@@ -164,6 +177,7 @@ class PreviewData:
     noisy_random: torch.Tensor
     noisy_assigned: torch.Tensor
     candidate_distances: torch.Tensor
+    candidate_cosines: torch.Tensor
     chosen: torch.Tensor
     t: float
     settings: dict = field(default_factory=dict)
@@ -174,20 +188,43 @@ class PreviewData:
     noisy_display_scale: float = 1.0
 
 
-def stats_rows(data: PreviewData) -> list[dict]:
+@dataclass
+class PreviewStats:
+    """Per-sample statistics (numpy ``[B]``) of both noises, computed once by :func:`preview_stats`.
+
+    ``random`` and ``assigned`` map ``distance``, ``cosine``, ``mean`` and ``std`` to arrays;
+    ``candidate_mean`` is each sample's mean squared distance over its candidates.
+    """
+
+    random: dict[str, np.ndarray]
+    assigned: dict[str, np.ndarray]
+    candidate_mean: np.ndarray
+    elements: int
+
+
+def preview_stats(data: PreviewData) -> PreviewStats:
+    """The statistics of a preview. The assigned noise's distance and cosine are read from the
+    candidate scores (the selection computed them); only the random noise is scored here."""
+    dist = data.candidate_distances.detach().to("cpu", torch.float32)
+    pick = data.chosen.detach().to("cpu", torch.long)[:, None]
+    assigned = {"distance": dist.gather(1, pick)[:, 0].numpy(),
+                "cosine": data.candidate_cosines.detach().to("cpu", torch.float32).gather(1, pick)[:, 0].numpy(),
+                **noise_moments(data.assigned_noise)}
+    return PreviewStats(noise_stats(data.latents, data.random_noise), assigned,
+                        dist.to(torch.float64).mean(1).numpy(), data.latents[0].numel())
+
+
+def stats_rows(stats: PreviewStats) -> list[dict]:
     """The table's rows: one for random, one for assigned, each averaged over the batch."""
-    cand = data.candidate_distances.detach().to("cpu", torch.float64)
-    cand_mean = cand.mean(1).numpy()
+    rand_dist = np.maximum(stats.random["distance"], 1e-30)
+    cand_mean = np.maximum(stats.candidate_mean, 1e-30)
     rows = []
-    rand = noise_stats(data.latents, data.random_noise)
-    for name, noise in (("random", data.random_noise), ("assigned", data.assigned_noise)):
-        st = noise_stats(data.latents, noise)
-        numel = data.latents[0].numel()
+    for name, st in (("random", stats.random), ("assigned", stats.assigned)):
         rows.append({
             "noise": name,
-            "distance": float(np.mean(st["distance"])) / numel,
-            "reduction_vs_candidates": float(np.mean(1.0 - st["distance"] / np.maximum(cand_mean, 1e-30))) * 100,
-            "reduction_vs_random": float(np.mean(1.0 - st["distance"] / np.maximum(rand["distance"], 1e-30))) * 100,
+            "distance": float(np.mean(st["distance"])) / stats.elements,
+            "reduction_vs_candidates": float(np.mean(1.0 - st["distance"] / cand_mean)) * 100,
+            "reduction_vs_random": float(np.mean(1.0 - st["distance"] / rand_dist)) * 100,
             "cosine": float(np.mean(st["cosine"])),
             "mean": float(np.mean(st["mean"])),
             "std": float(np.mean(st["std"])),
@@ -195,15 +232,15 @@ def stats_rows(data: PreviewData) -> list[dict]:
     return rows
 
 
-def format_stats(data: PreviewData) -> str:
+def format_stats(data: PreviewData, stats: PreviewStats) -> str:
     """The statistics as plain text (the STRING output of the ComfyUI preview node)."""
     s = data.settings
     head = ", ".join(f"{k}={v}" for k, v in s.items())
     lines = [f"immiscible preview: {head}" if head else "immiscible preview",
-             f"latent shape {tuple(data.latents.shape)}, {data.latents[0].numel()} elements/sample, t={data.t:g}",
+             f"latent shape {tuple(data.latents.shape)}, {stats.elements} elements/sample, t={data.t:g}",
              f"{'noise':<9}{'dist/elem':>10}{'red. vs cand %':>16}{'red. vs random %':>18}{'cosine':>9}"
              f"{'mean':>9}{'std':>8}"]
-    for r in stats_rows(data):
+    for r in stats_rows(stats):
         lines.append(f"{r['noise']:<9}{r['distance']:>10.4f}{r['reduction_vs_candidates']:>16.3f}"
                      f"{r['reduction_vs_random']:>18.3f}{r['cosine']:>9.4f}{r['mean']:>9.4f}{r['std']:>8.4f}")
     return "\n".join(lines)
@@ -253,11 +290,10 @@ def _pairing_panel(ax, data: PreviewData):
     return n_rnd, n_asg
 
 
-def _histogram_panel(ax, data: PreviewData, max_samples: int):
-    cand = data.candidate_distances.detach().to("cpu", torch.float64)
-    mean = cand.mean(1, keepdim=True)
-    rel = ((cand / mean - 1.0) * 100).numpy()
-    rand_rel = (noise_stats(data.latents, data.random_noise)["distance"] / mean[:, 0].numpy() - 1.0) * 100
+def _histogram_panel(ax, data: PreviewData, stats: PreviewStats, max_samples: int):
+    mean = np.maximum(stats.candidate_mean, 1e-30)
+    rel = (data.candidate_distances.detach().to("cpu", torch.float64).numpy() / mean[:, None] - 1.0) * 100
+    rand_rel = (stats.random["distance"] / mean - 1.0) * 100
     chosen = data.chosen.detach().to("cpu").long().numpy()
     cmap = _require_matplotlib().get_cmap("tab10")
     shown = min(len(rel), max_samples)
@@ -283,9 +319,9 @@ def _histogram_panel(ax, data: PreviewData, max_samples: int):
     ax.tick_params(labelsize=7)
 
 
-def _table_panel(ax, data: PreviewData, crossings):
+def _table_panel(ax, data: PreviewData, stats: PreviewStats, crossings):
     ax.axis("off")
-    rnd, asg = stats_rows(data)
+    rnd, asg = stats_rows(stats)
     labels = ["distance / element", "reduction vs candidate mean %", "reduction vs random noise %",
               "cosine(noise, latent)", "noise mean", "noise std", "pairing-plot crossings"]
     keys = [("distance", "{:.4f}"), ("reduction_vs_candidates", "{:+.3f}"), ("reduction_vs_random", "{:+.3f}"),
@@ -307,7 +343,7 @@ def _table_panel(ax, data: PreviewData, crossings):
     ax.text(0.5, 0.0, "\n".join(lines), ha="center", va="bottom", fontsize=8, transform=ax.transAxes)
 
 
-def render_preview_sheet(data: PreviewData, *, max_rows: int = 4, dpi: int = 100) -> np.ndarray:
+def render_preview_sheet(data: PreviewData, stats: PreviewStats, *, max_rows: int = 4, dpi: int = 100) -> np.ndarray:
     """The preview sheet as uint8 ``[H, W, 3]``.
 
     Top: for up to ``max_rows`` samples, the latent, the random noise, the assigned noise and both
@@ -327,8 +363,8 @@ def render_preview_sheet(data: PreviewData, *, max_rows: int = 4, dpi: int = 100
     bottom = outer[1].subgridspec(1, 3, wspace=0.28, width_ratios=[1.0, 1.1, 1.25])
     _image_rows(fig, top, data, rows)
     crossings = _pairing_panel(fig.add_subplot(bottom[0]), data)
-    _histogram_panel(fig.add_subplot(bottom[1]), data, max_rows)
-    _table_panel(fig.add_subplot(bottom[2]), data, crossings)
+    _histogram_panel(fig.add_subplot(bottom[1]), data, stats, max_rows)
+    _table_panel(fig.add_subplot(bottom[2]), data, stats, crossings)
     title = "Immiscible noise: random vs assigned"
     if batch > rows:
         title += f"  (showing {rows} of {batch} samples)"

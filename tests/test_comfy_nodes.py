@@ -9,8 +9,13 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+import immiscible
+from comfy_nodes import noise as cn
+from comfy_nodes import viz
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +83,9 @@ def test_schema_category_tooltips_seed_and_advanced(nodes):
             assert port.tooltip, f"{schema.node_id}.{port.id} has no tooltip"
         by_id = {p.id: p for p in schema.inputs}
         assert by_id["seed"].kw["max"] == 0xFFFFFFFFFFFFFFFF and by_id["seed"].kw["control_after_generate"]
-        assert by_id["k"].kw["min"] == 1
+        assert (by_id["k"].kw["min"], by_id["k"].kw["max"]) == (immiscible.K_MIN, immiscible.K_MAX)
+        assert by_id["mode"].options == list(immiscible.MODES)
+        assert by_id["metric"].options == list(immiscible.METRICS)
         assert by_id["model"].optional
         for knob in ("mode", "metric", "latent_format"):
             assert by_id[knob].advanced is True
@@ -121,83 +128,97 @@ def test_noise_shape_dtype_device_and_determinism(nodes, shape):
 
 
 def test_noise_is_nearer_than_random_and_in_model_space():
-    from comfy_nodes import noise as core
-
     latent = _latent(3, 4, 16, 16)
-    source = core.ImmiscibleNoise(3, 32)
+    source = cn.Noise_Immiscible(3, 32)
     chosen = source.generate_noise(latent)
     x = latent["samples"] * 0.18215  # sd15 process_in, chosen by auto for 4 channels
-    rand = core.comfy_random_noise(latent["samples"], 3)
+    rand = cn.comfy_random_noise(latent["samples"], 3)
     assert ((chosen - x) ** 2).sum() < ((rand - x) ** 2).sum()
-    info_dist = torch.cat([i.distance for i in source.last_info])
-    assert torch.allclose(((chosen - x) ** 2).flatten(1).sum(1), info_dist, rtol=1e-4)
+    assert torch.allclose(((chosen - x) ** 2).flatten(1).sum(1), source.last_info.distance, rtol=1e-4)
 
 
 def test_batch_index_gives_the_noise_of_the_full_batch():
-    from comfy_nodes import noise as core
-
     full = _latent(4, 4, 8, 8)
-    whole = core.ImmiscibleNoise(5, 8).generate_noise(full)
+    whole = cn.Noise_Immiscible(5, 8).generate_noise(full)
     part = {"samples": full["samples"][[2, 0]], "batch_index": [2, 0]}
-    assert torch.equal(core.ImmiscibleNoise(5, 8).generate_noise(part), whole[[2, 0]])
+    assert torch.equal(cn.Noise_Immiscible(5, 8).generate_noise(part), whole[[2, 0]])
+    one = {"samples": full["samples"][3:], "batch_index": [3]}
+    assert torch.equal(cn.Noise_Immiscible(5, 8).generate_noise(one), whole[3:])
+
+
+def test_one_selection_call_per_batch_keyed_by_batch_index(monkeypatch):
+    calls = []
+    real = immiscible.select_noise
+
+    def spy(latents, k, **kw):
+        calls.append((latents.shape[0], kw.get("sample_ids"), kw.get("seed")))
+        return real(latents, k, **kw)
+
+    monkeypatch.setattr(immiscible, "select_noise", spy)
+    latent = _latent(3, 4, 8, 8)
+    latent["batch_index"] = [4, 9, 4]
+    noise = cn.Noise_Immiscible(6, 8).generate_noise(latent)
+    assert calls == [(3, [4, 9, 4], 6)]
+    assert torch.equal(noise, real(latent["samples"] * 0.18215, 8, seed=6, backend="torch", sample_ids=[4, 9, 4]))
+    cn.preview(latent, 8, "knn", "l2", 6, 0.5)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("batch_index, error", [([0, -1], ValueError), ([0, 2**32], ValueError),
+                                                ([0, 1.5], TypeError), ([0], ValueError)])
+def test_bad_batch_index_raises(batch_index, error):
+    latent = _latent(2, 4, 8, 8)
+    latent["batch_index"] = batch_index
+    with pytest.raises(error, match="batch_index"):
+        cn.Noise_Immiscible(0, 4).generate_noise(latent)
 
 
 def test_random_noise_matches_prepare_noise_semantics():
-    from comfy_nodes import noise as core
-
     samples = torch.zeros(3, 4, 4, 4)
     with torch.random.fork_rng():
         torch.manual_seed(11)
         ref = torch.randn(samples.size())
         torch.manual_seed(11)
         draws = [torch.randn(1, 4, 4, 4) for _ in range(4)]
-    assert torch.equal(core.comfy_random_noise(samples, 11), ref)
-    got = core.comfy_random_noise(samples, 11, [3, 1, 3])
+    assert torch.equal(cn.comfy_random_noise(samples, 11), ref)
+    got = cn.comfy_random_noise(samples, 11, [3, 1, 3])
     assert torch.equal(got, torch.cat([draws[3], draws[1], draws[3]]))
 
 
 def test_all_zero_latent_gives_plain_noise_and_logs_once(caplog, monkeypatch):
-    from comfy_nodes import noise as core
-
-    monkeypatch.setattr(core, "_logged_zero", False)
+    monkeypatch.setattr(cn, "_logged_zero", False)
     empty = {"samples": torch.zeros(2, 4, 8, 8)}
     with caplog.at_level(logging.INFO, logger="comfy_nodes.noise"):
-        a = core.ImmiscibleNoise(9, 16).generate_noise(empty)
-        b = core.ImmiscibleNoise(9, 16).generate_noise(empty)
-    assert torch.equal(a, core.comfy_random_noise(empty["samples"], 9)) and torch.equal(a, b)
+        a = cn.Noise_Immiscible(9, 16).generate_noise(empty)
+        b = cn.Noise_Immiscible(9, 16).generate_noise(empty)
+    assert torch.equal(a, cn.comfy_random_noise(empty["samples"], 9)) and torch.equal(a, b)
     assert sum("all zeros" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_assign_mode_and_cosine_metric():
-    from comfy_nodes import noise as core
-
     latent = _latent(3, 4, 8, 8)
-    a = core.ImmiscibleNoise(1, 4, mode="assign").generate_noise(latent)
-    c = core.ImmiscibleNoise(1, 4, metric="cosine").generate_noise(latent)
+    a = cn.Noise_Immiscible(1, 4, mode="assign").generate_noise(latent)
+    c = cn.Noise_Immiscible(1, 4, metric="cosine").generate_noise(latent)
     assert a.shape == c.shape == latent["samples"].shape
 
 
 @pytest.mark.parametrize("kwargs, match", [({"k": 0}, "k must be"), ({"k": 2, "mode": "nope"}, "mode"),
                                            ({"k": 2, "metric": "l1"}, "metric")])
 def test_bad_settings_raise(kwargs, match):
-    from comfy_nodes import noise as core
-
     with pytest.raises(ValueError, match=match):
-        core.ImmiscibleNoise(0, **kwargs)
+        cn.Noise_Immiscible(0, **kwargs)
 
 
 def test_bad_latents_and_t_raise():
-    from comfy_nodes import noise as core
-
     with pytest.raises(ValueError, match="empty"):
-        core.ImmiscibleNoise(0, 4).generate_noise({"samples": torch.zeros(0, 4, 8, 8)})
+        cn.Noise_Immiscible(0, 4).generate_noise({"samples": torch.zeros(0, 4, 8, 8)})
     with pytest.raises(TypeError, match="LATENT"):
-        core.ImmiscibleNoise(0, 4).generate_noise(torch.zeros(1, 4, 8, 8))
+        cn.Noise_Immiscible(0, 4).generate_noise(torch.zeros(1, 4, 8, 8))
     for t in (-0.1, 1.5, "x"):
         with pytest.raises(ValueError, match="t "):
-            core.preview(_latent(1, 4, 8, 8), 4, "knn", "l2", 0, t)
+            cn.preview(_latent(1, 4, 8, 8), 4, "knn", "l2", 0, t)
     with pytest.raises(ValueError, match="latent_format"):
-        core.preview(_latent(1, 4, 8, 8), 4, "knn", "l2", 0, 0.5, latent_format="sd9")
+        cn.preview(_latent(1, 4, 8, 8), 4, "knn", "l2", 0, 0.5, latent_format="sd9")
 
 
 # --------------------------------------------------------------------------- the preview
@@ -235,50 +256,85 @@ def test_preview_node_outputs(nodes):
     assert 0.0 <= float(sheet.min()) and float(sheet.max()) <= 1.0 and float(sheet.std()) > 0.05
     x = latent["samples"] * 0.18215
     # VAE space out: process_in of the output is the model-space noise
-    assert torch.allclose(assigned["samples"] * 0.18215, nodes.core.ImmiscibleNoise(4, 16).generate_noise(latent),
+    assert torch.allclose(assigned["samples"] * 0.18215, cn.Noise_Immiscible(4, 16).generate_noise(latent),
                           atol=1e-5)
-    assert torch.allclose(rand["samples"] * 0.18215, nodes.core.comfy_random_noise(x, 4, [0, 1]), atol=1e-5)
-    sigma = nodes.core.sd_sigma(0.5)
+    assert torch.allclose(rand["samples"] * 0.18215, cn.comfy_random_noise(x, 4, [0, 1]), atol=1e-5)
+    sigma = cn.sd_sigma(0.5)
     assert torch.allclose(noisy_r["samples"] * 0.18215, x + sigma * rand["samples"] * 0.18215, atol=1e-4)
     assert assigned["batch_index"] == [0, 1]
     assert "assigned" in stats and "k=16" in stats and "mixing=eps" in stats
 
 
 def test_preview_with_model_uses_its_format_and_flow_mixing():
-    from comfy_nodes import noise as core
-
     latent = _latent(2, 16, 4, 4, 4)  # 5-D video latent
-    res = core.preview(latent, 8, "knn", "l2", 1, 0.25, model=_FakeModel())
+    res = cn.preview(latent, 8, "knn", "l2", 1, 0.25, model=_FakeModel())
     x = (latent["samples"] - 0.1) * 0.5
     assert torch.allclose(res.data.latents, x)
     expected = 0.25 * res.data.assigned_noise + 0.75 * x
     assert torch.allclose(res.data.noisy_assigned, expected, atol=1e-6)
     assert torch.allclose(res.latents["noisy_assigned"]["samples"], expected / 0.5 + 0.1, atol=1e-5)
-    assert "mixing=flow" in res.stats and res.sheet.dtype.name == "uint8"
+    assert "mixing=flow" in res.text and res.sheet.dtype.name == "uint8"
 
 
 def test_preview_reduction_is_positive_for_k_above_one():
-    from comfy_nodes import noise as core
-
-    res = core.preview(_latent(2, 4, 8, 8), 32, "knn", "l2", 0, 0.5)
-    from comfy_nodes import viz
-
-    rows = viz.stats_rows(res.data)
+    res = cn.preview(_latent(2, 4, 8, 8), 32, "knn", "l2", 0, 0.5)
+    rows = viz.stats_rows(res.stats)
     assert rows[1]["reduction_vs_candidates"] > 0
     assert res.data.candidate_distances.shape == (2, 32)
     assert torch.equal(res.data.candidate_distances.argmin(1), res.data.chosen)
 
 
-def test_auto_formats():
-    from comfy_nodes import noise as core
+@pytest.mark.parametrize("mode, metric", [("knn", "l2"), ("knn", "cosine"), ("assign", "l2")])
+def test_preview_scores_come_from_the_selection(monkeypatch, mode, metric):
+    """The preview reads every candidate's score from SelectionInfo; nothing is regenerated or rescored."""
+    latent = _latent(3, 4, 8, 8)
+    latent["batch_index"] = [2, 0, 7]
+    k = 6
+    x = latent["samples"] * 0.18215
+    seed = 3 if mode == "knn" else immiscible.derive_seed(3, 2, 0, 7)
+    ids = [2, 0, 7] if mode == "knn" else None
+    cands = immiscible.candidates(x, k, seed=seed, mode=mode, backend="torch", sample_ids=ids)
+    cands = cands.flatten(2) if mode == "knn" else cands.flatten(1)[None].expand(3, -1, -1)
+    direct = (cands - x.flatten(1)[:, None]).square().sum(2)
+    direct_cos = torch.nn.functional.cosine_similarity(cands, x.flatten(1)[:, None], dim=2)
 
-    assert core.auto_format(torch.zeros(1, 4, 8, 8)) == "sd15"
-    assert core.auto_format(torch.zeros(1, 16, 8, 8)) == "flux"
-    assert core.auto_format(torch.zeros(1, 16, 2, 8, 8)) == "wan"
-    assert core.auto_format(torch.zeros(1, 3, 8, 8)) == "raw"
-    assert core.latent_space(torch.zeros(1, 16, 8, 8)).flow
-    assert not core.latent_space(torch.zeros(1, 4, 8, 8)).flow
-    assert core.sd_sigma(1.0) == pytest.approx(14.61, abs=0.02)
+    def forbidden(*a, **kw):
+        raise AssertionError("the preview must not regenerate candidates")
+
+    monkeypatch.setattr(immiscible, "candidates", forbidden)
+    stats_calls = []
+    real_stats = viz.noise_stats
+    monkeypatch.setattr(viz, "noise_stats", lambda *a: stats_calls.append(1) or real_stats(*a))
+    res = cn.preview(latent, k, mode, metric, 3, 0.5)
+    assert stats_calls == [1]  # the random noise only; the assigned noise's scores come from the selection
+    assert torch.allclose(res.data.candidate_distances, direct, rtol=1e-4)
+    assert torch.allclose(res.data.candidate_cosines, direct_cos, atol=1e-5)
+    b = torch.arange(3)
+    picked = cands[b, res.data.chosen]
+    assert torch.allclose(res.data.assigned_noise.flatten(1), picked)
+    st = res.stats.assigned
+    flat_noise = res.data.assigned_noise.flatten(1)
+    np.testing.assert_allclose(st["distance"], (flat_noise - x.flatten(1)).square().sum(1).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(st["std"], flat_noise.std(1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(res.stats.candidate_mean, direct.double().mean(1).numpy(), rtol=1e-4)
+
+
+def test_preview_of_all_zero_latent_is_random_noise():
+    res = cn.preview({"samples": torch.zeros(2, 4, 8, 8)}, 16, "knn", "l2", 5, 0.5)
+    assert torch.equal(res.data.assigned_noise, res.data.random_noise)
+    rnd, asg = viz.stats_rows(res.stats)
+    assert rnd == {**asg, "noise": "random"} and asg["reduction_vs_random"] == 0.0
+    assert "all-zero latent" in res.text
+
+
+def test_auto_formats():
+    assert cn.auto_format(torch.zeros(1, 4, 8, 8)) == "sd15"
+    assert cn.auto_format(torch.zeros(1, 16, 8, 8)) == "flux"
+    assert cn.auto_format(torch.zeros(1, 16, 2, 8, 8)) == "wan"
+    assert cn.auto_format(torch.zeros(1, 3, 8, 8)) == "raw"
+    assert cn.latent_space(torch.zeros(1, 16, 8, 8)).flow
+    assert not cn.latent_space(torch.zeros(1, 4, 8, 8)).flow
+    assert cn.sd_sigma(1.0) == pytest.approx(14.61, abs=0.02)
 
 
 # --------------------------------------------------------------------------- example workflows

@@ -62,18 +62,40 @@ def test_pairing_projection_shapes_and_scale():
     assert lat1.shape == q.shape == (1, 2) and np.isfinite(q).all()
 
 
-def _data(batch, mode_assign=False):
+def _data(batch):
     x = torch.randn(batch, 4, 8, 8, generator=_gen()) + torch.linspace(-1, 1, 8)
-    rnd, asg = torch.randn_like(x), torch.randn(x.shape, generator=_gen(3))
+    rnd, asg = torch.randn(x.shape, generator=_gen(2)), torch.randn(x.shape, generator=_gen(3))
     cand = torch.rand(batch, 16, generator=_gen(4)) * 10 + 250
-    return viz.PreviewData(x, rnd, asg, x + rnd, x + asg, cand, cand.argmin(1), 0.5, {"k": 16, "mode": "knn"},
+    cos = torch.rand(batch, 16, generator=_gen(5)) * 0.1 - 0.05
+    return viz.PreviewData(x, rnd, asg, x + rnd, x + asg, cand, cos, cand.argmin(1), 0.5, {"k": 16, "mode": "knn"},
                            noisy_display_scale=0.7)
+
+
+def test_preview_stats_and_rows():
+    data = _data(3)
+    stats = viz.preview_stats(data)
+    b = torch.arange(3)
+    np.testing.assert_allclose(stats.assigned["distance"], data.candidate_distances[b, data.chosen].numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats.assigned["cosine"], data.candidate_cosines[b, data.chosen].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(stats.assigned["std"], data.assigned_noise.flatten(1).std(1).numpy(), rtol=1e-5)
+    ref = viz.noise_stats(data.latents, data.random_noise)
+    for key in ref:
+        np.testing.assert_array_equal(stats.random[key], ref[key])
+    rnd, asg = viz.stats_rows(stats)
+    cand_mean = data.candidate_distances.double().mean(1).numpy()
+    expected = np.mean(1 - stats.assigned["distance"] / cand_mean) * 100
+    assert asg["reduction_vs_candidates"] == pytest.approx(expected)
+    assert asg["distance"] == pytest.approx(np.mean(stats.assigned["distance"]) / 256)
+    assert rnd["reduction_vs_random"] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("batch", [1, 6])
 def test_render_preview_sheet(batch):
-    img = viz.render_preview_sheet(_data(batch), dpi=50)
+    data = _data(batch)
+    stats = viz.preview_stats(data)
+    img = viz.render_preview_sheet(data, stats, dpi=50)
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     assert img.std() > 10  # not blank
-    text = viz.format_stats(_data(batch))
+    text = viz.format_stats(data, stats)
     assert "random" in text and "assigned" in text and "k=16" in text
