@@ -225,6 +225,10 @@ def test_pack_is_loaded(comfy):
     assert preview["output"] == ["IMAGE", "LATENT", "LATENT", "LATENT", "LATENT", "STRING"]
     seed = info["input"]["required"]["seed"][1]
     assert seed["max"] == 0xFFFFFFFFFFFFFFFF and seed["control_after_generate"]
+    import immiscible
+
+    k = info["input"]["required"]["k"][1]
+    assert (k["min"], k["max"]) == (immiscible.K_MIN, immiscible.K_MAX)
     print(f"ComfyUI with the pack answered after {comfy.start_seconds:.1f} s")
 
 
@@ -273,6 +277,18 @@ def test_preview_of_loaded_latent(comfy, name, shape, fmt):
     assert not np.array_equal(assigned, rand)
     text = comfy.log()
     assert "Traceback" not in text
+
+
+def test_preview_respects_batch_index(comfy):
+    """A latent taken out of a batch (LatentFromBatch sets batch_index) gets the noise it had in the batch."""
+    write_latent(comfy.root / "input" / "batch4.latent", structured_latent(4, 4, 16, 16, seed=5, scale=1 / 0.18215))
+    src = {"class_type": "LoadLatent", "inputs": {"latent": "batch4.latent"}}
+    whole, _ = _check_preview(comfy, comfy.run(_preview_graph(src, prefix="batch_whole")), (4, 4, 16, 16))
+    graph = _preview_graph({"class_type": "LatentFromBatch", "inputs": {"samples": ["0", 0], "batch_index": 2,
+                                                                        "length": 2}}, prefix="batch_part")
+    graph["0"] = src
+    part, _ = _check_preview(comfy, comfy.run(graph), (2, 4, 16, 16))
+    np.testing.assert_array_equal(part, whole[2:])
 
 
 def _sampling_graph(latent_source: dict, noise: dict, prefix: str, ckpt: str) -> dict:
