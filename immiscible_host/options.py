@@ -1,0 +1,111 @@
+"""The ``--immiscible_*`` options every trainer adapter adds, their checks and their metadata.
+
+Choices and ranges come from the core's vocabulary (``immiscible.MODES``, ``K_MAX``,
+``check_int``, ...). Values from a config file (a TOML read into the argparse namespace) bypass
+argparse's ``type=`` and ``choices=``, so :func:`settings_from_args` checks every value's type
+and range itself and names the key in its error.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import immiscible
+
+#: Every key the options add to an argument namespace, with its default.
+DEFAULTS = {
+    "immiscible_k": 1,
+    "immiscible_mode": "knn",
+    "immiscible_metric": "l2",
+    "immiscible_backend": "auto",
+    "immiscible_validation": False,
+}
+#: Metadata keys written into saved models (kohya's ``ss_*`` convention).
+METADATA_PREFIX = "ss_immiscible_"
+
+MODE_HELP = (
+    "knn: nearest of K candidates per sample, works at batch size 1 "
+    "(recommended, Improved Immiscible Diffusion); "
+    "assign: linear assignment of the batch to a pool of K x batch candidates (original paper, needs scipy) "
+    "/ knn：サンプルごとにK個の候補から最も近いものを選ぶ。バッチサイズ1でも有効（推奨）。"
+    "assign：K×バッチ個の候補プールにバッチを線形割り当てする（原論文。scipyが必要）")
+METRIC_HELP = (
+    "distance used to choose the noise: l2 (default, as in the papers) "
+    "or cosine (keeps the noise norm exactly Gaussian) "
+    "/ ノイズ選択に使う距離：l2（デフォルト、論文と同じ）またはcosine（ノイズのノルムをガウス分布のまま保つ）")
+BACKEND_HELP = (
+    "auto: fused Triton kernel on CUDA when triton is installed, else torch (recommended); torch; triton "
+    "/ auto：CUDAでtritonが使える場合はTritonカーネル、それ以外はtorch（推奨）。torch、triton")
+VALIDATION_HELP = (
+    "also select the noise of validation passes (default: validation noise stays stock, so validation losses "
+    "stay comparable across runs) / 検証時のノイズにも選択を適用する（デフォルトでは検証ノイズは通常のまま"
+    "で、検証lossを実行間で比較できる）")
+
+
+@dataclass(frozen=True)
+class Settings:
+    k: int = 1
+    mode: str = "knn"
+    metric: str = "l2"
+    backend: str = "auto"
+    validation: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.k > 1
+
+    def metadata(self) -> dict[str, str]:
+        """The ``ss_immiscible_*`` keys written into saved models (only when enabled)."""
+        if not self.enabled:
+            return {}
+        return {
+            METADATA_PREFIX + "k": str(self.k),
+            METADATA_PREFIX + "mode": self.mode,
+            METADATA_PREFIX + "metric": self.metric,
+            METADATA_PREFIX + "validation": str(self.validation),
+        }
+
+
+def has_immiscible_arguments(parser: argparse.ArgumentParser) -> bool:
+    return any("--immiscible_k" in a.option_strings for a in parser._actions)
+
+
+def add_immiscible_arguments(parser: argparse.ArgumentParser, k_help: str, validation: bool = True) -> None:
+    """Register the options (idempotent: a parser that has them already is left alone).
+
+    ``k_help`` names the host's model families and their recommended ``k``; ``validation=False``
+    leaves out ``--immiscible_validation`` for hosts without validation passes.
+    """
+    if has_immiscible_arguments(parser):
+        return
+    parser.add_argument("--immiscible_k", type=int, default=DEFAULTS["immiscible_k"], help=k_help)
+    parser.add_argument("--immiscible_mode", type=str, default=DEFAULTS["immiscible_mode"], choices=immiscible.MODES,
+                        help=MODE_HELP)
+    parser.add_argument("--immiscible_metric", type=str, default=DEFAULTS["immiscible_metric"],
+                        choices=immiscible.METRICS, help=METRIC_HELP)
+    parser.add_argument("--immiscible_backend", type=str, default=DEFAULTS["immiscible_backend"],
+                        choices=immiscible.BACKENDS, help=BACKEND_HELP)
+    if validation:
+        parser.add_argument("--immiscible_validation", action="store_true", help=VALIDATION_HELP)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Validated :class:`Settings` from a namespace (command line and/or config file).
+
+    Raises ``TypeError``/``ValueError`` naming the key and its allowed range.
+    """
+    get = lambda key: getattr(args, key, DEFAULTS[key])  # noqa: E731
+    return Settings(
+        k=immiscible.check_int("immiscible_k", get("immiscible_k"), immiscible.K_MIN, immiscible.K_MAX, " (1 = off)"),
+        mode=immiscible.check_mode(get("immiscible_mode"), name="immiscible_mode"),
+        metric=immiscible.check_metric(get("immiscible_metric"), name="immiscible_metric"),
+        backend=immiscible.check_backend(get("immiscible_backend"), name="immiscible_backend"),
+        validation=immiscible.check_flag("immiscible_validation", get("immiscible_validation")),
+    )
+
+
+def with_metadata(metadata, settings: Settings | None, no_metadata: bool = False):
+    """``metadata`` plus the ``ss_immiscible_*`` keys when selection is on (a new dict; else as given)."""
+    if settings is None or not settings.enabled or no_metadata or not isinstance(metadata, dict):
+        return metadata
+    return {**metadata, **settings.metadata()}

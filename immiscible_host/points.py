@@ -1,0 +1,196 @@
+"""Patch points: one table per host program, and everything derived from it.
+
+An adapter lists its host program's patch points once, as :class:`PatchPoint` rows. From that
+table come the import hook's targets (:func:`hook_targets`), the module patcher
+(:mod:`immiscible_host.patching`), the start-up check of the point the running script needs
+(:func:`point_for_script`) and the installer's static ``--check`` (:func:`inspect_sources`).
+
+Every point has a :class:`PointStatus`: ``ok``, ``absent`` (not in this version of the host: its
+file is missing, e.g. a trainer that version does not ship) or ``broken`` (with the reason).
+This module imports nothing heavy.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Kinds of patch point.
+SUPPORT = "support"        # options, config files, metadata, trackers
+SD_NOISE = "sd-noise"      # a function whose first ``torch.randn_like(latents)`` is the base draw
+FLOW_NOISE = "flow-noise"  # a function taking ``(latents, noise)``: ``noise`` is overwritten in place
+INLINE = "inline"          # a script function that draws ``torch.randn_like(latents)`` inline
+KINDS = (SUPPORT, SD_NOISE, FLOW_NOISE, INLINE)
+NOISE_KINDS = (SD_NOISE, FLOW_NOISE, INLINE)
+
+OK, ABSENT, BROKEN = "ok", "absent", "broken"
+
+
+@dataclass(frozen=True)
+class PatchPoint:
+    """One place in a host program that an adapter wraps or intercepts.
+
+    ``module`` is an import name (``"library.train_util"``); ``aliases`` are other names the same
+    code has had (an older file name). ``attribute`` may be dotted (``"Accelerator.init_trackers"``).
+    ``wrapper`` is ``"package.module:function"``, a factory ``function(original, point)`` that
+    returns the wrapper (none for ``INLINE`` points, which are intercepted at start-up).
+    ``patched_with`` is the host module whose import triggers the patch (default: ``module``).
+    ``identifies`` marks the attribute that tells the host's module from a namesake of another
+    project; every module the hook targets has exactly one. ``in_host`` is False for a library
+    the host uses (accelerate): such points have no source file in the host's tree.
+    """
+
+    name: str
+    module: str
+    attribute: str
+    kind: str
+    params: tuple[str, ...] = ()
+    needle: str | None = None
+    scripts: tuple[str, ...] = ()
+    wrapper: str | None = None
+    aliases: tuple[str, ...] = ()
+    patched_with: str | None = None
+    identifies: bool = False
+    in_host: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if (self.wrapper is None) != (self.kind == INLINE):
+            raise ValueError(f"{self.name}: every point but an inline one needs a wrapper")
+
+    @property
+    def trigger(self) -> str:
+        """The module whose import patches this point."""
+        return self.patched_with or self.module
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return (self.module, *self.aliases)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Source files in the host's tree, relative to its root (empty when not ``in_host``)."""
+        return tuple(m.replace(".", "/") + ".py" for m in self.modules) if self.in_host else ()
+
+
+@dataclass(frozen=True)
+class PointStatus:
+    state: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == OK
+
+    def __str__(self) -> str:
+        return self.state + (f" ({self.detail})" if self.detail and self.state != OK else "")
+
+
+def ok(detail: str = "") -> PointStatus:
+    return PointStatus(OK, detail)
+
+
+def absent(detail: str) -> PointStatus:
+    return PointStatus(ABSENT, detail)
+
+
+def broken(detail: str) -> PointStatus:
+    return PointStatus(BROKEN, detail)
+
+
+# --------------------------------------------------------------------------- derived from a table
+
+
+def hook_targets(points) -> dict[str, str]:
+    """Module the import hook watches -> the attribute that identifies it as the host's own."""
+    targets: dict[str, str] = {}
+    for p in points:
+        if p.kind != INLINE:
+            targets.setdefault(p.trigger, "")
+        if p.identifies:
+            if targets.get(p.module):
+                raise ValueError(f"{p.module} has two identifying points")
+            targets[p.module] = p.attribute
+    missing = [m for m, attr in targets.items() if not attr]
+    if missing:
+        raise ValueError(f"no identifying point for {', '.join(missing)}")
+    return targets
+
+
+def points_patched_with(points, module: str) -> list[PatchPoint]:
+    return [p for p in points if p.kind != INLINE and p.trigger == module]
+
+
+def point_for_script(points, script: str) -> PatchPoint | None:
+    """The noise point a training script (``"train_network.py"``) draws its noise through."""
+    for p in points:
+        if script in p.scripts:
+            return p
+    return None
+
+
+def check_source(point: PatchPoint, params, source: str | None) -> PointStatus:
+    """Whether a callable with parameter names ``params`` and ``source`` fits ``point``."""
+    missing = [p for p in point.params if p not in params]
+    if missing:
+        return broken(f"parameters {missing} missing")
+    if point.needle and source is not None and point.needle not in source:
+        return broken(f"no `{point.needle}` in its body")
+    return ok()
+
+
+# --------------------------------------------------------------------------- static check (installer)
+
+
+def _find_def(tree: ast.Module, attribute: str):
+    body = tree.body
+    node = None
+    for part in attribute.split("."):
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     and n.name == part), None)
+        if node is None:
+            return None
+        body = node.body
+    return node
+
+
+def inspect_point(root: Path, point: PatchPoint, cache: dict | None = None) -> PointStatus:
+    """The point read statically from the host's tree at ``root`` (nothing is imported).
+
+    The first of ``point.files`` that defines the attribute is used; a point none of whose files
+    exists is ``absent`` (that version does not ship it). ``ok``'s detail is ``file:line``.
+    """
+    cache = {} if cache is None else cache
+    present = []
+    for rel in point.files:
+        if rel not in cache:
+            try:
+                src = (root / rel).read_text(encoding="utf-8")
+                cache[rel] = (src, ast.parse(src))
+            except FileNotFoundError:
+                cache[rel] = None
+            except (OSError, SyntaxError, ValueError) as exc:
+                cache[rel] = (None, exc)
+        if cache[rel] is None:
+            continue
+        present.append(rel)
+        src, tree = cache[rel]
+        if src is None:
+            return broken(f"{rel}: {tree}")
+        node = _find_def(tree, point.attribute)
+        if node is None:
+            continue
+        params = ([a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
+                  if not isinstance(node, ast.ClassDef) else [])
+        status = check_source(point, params, ast.get_source_segment(src, node) or "")
+        return ok(f"{rel}:{node.lineno}") if status.ok else broken(f"{rel}:{node.lineno}: {status.detail}")
+    if present:
+        return broken(f"no function {point.attribute} in {' or '.join(present)}")
+    return absent(f"{' / '.join(point.files)} not in this version")
+
+
+def inspect_sources(root: Path, points) -> list[tuple[PatchPoint, PointStatus]]:
+    """:func:`inspect_point` for every point that lives in the host's tree."""
+    cache: dict = {}
+    return [(p, inspect_point(root, p, cache)) for p in points if p.in_host]

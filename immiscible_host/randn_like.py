@@ -1,0 +1,139 @@
+"""Make a host's own ``torch.randn_like(latents)`` return the selected noise.
+
+Two ways, so that none of the host's code is re-implemented:
+
+- :class:`SelectFirstRandnLike`, a block around a call into the host: within it, this thread's
+  first ``torch.randn_like(latents)`` on that very tensor returns the selection. ``torch.randn_like``
+  is swapped only while at least one block is open;
+- :func:`intercept_in_function`, for a draw written inline in a script function: from then on,
+  ``torch.randn_like`` called directly from that function (by file name and function name)
+  returns the selection. Every other caller gets the previous function.
+
+Both ask ``runtime.select(latents, point)`` (an :class:`immiscible_host.runtime.Runtime`) and
+fall back to stock noise, counting the batch, when the call has arguments they cannot honour.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import torch
+
+from .hook import MARK
+
+
+class Slot:
+    """One armed draw: the latents it is for, the point's name, whether it has fired."""
+
+    __slots__ = ("latents", "point", "runtime", "fired")
+
+    def __init__(self, latents, point, runtime):
+        self.latents, self.point, self.runtime, self.fired = latents, point, runtime, False
+
+
+def selected_like(slot: Slot, input, args, kwargs):
+    """The selected noise for a ``torch.randn_like(input, ...)`` call, or None for stock."""
+    if args or set(kwargs) - {"device", "dtype"}:
+        slot.runtime.stock(f"randn_like-args:{slot.point}",
+                           "immiscible: %s calls torch.randn_like with arguments %s; using stock noise there",
+                           slot.point, sorted(kwargs) or args)
+        return None
+    noise = slot.runtime.select(input, slot.point)
+    if noise is not None and kwargs:
+        noise = noise.to(device=kwargs.get("device") or noise.device, dtype=kwargs.get("dtype") or noise.dtype)
+    return noise
+
+
+# --------------------------------------------------------------------------- within a block
+
+_armed = threading.local()
+_lock = threading.Lock()
+
+
+def _intercepting_randn_like(input, *args, **kwargs):
+    slot = getattr(_armed, "slot", None)
+    if slot is not None and not slot.fired and input is slot.latents:
+        slot.fired = True
+        noise = selected_like(slot, input, args, kwargs)
+        if noise is not None:
+            return noise
+    return _intercepting_randn_like.__immiscible_next__(input, *args, **kwargs)
+
+
+_intercepting_randn_like.__immiscible_next__ = torch.randn_like
+
+
+class SelectFirstRandnLike:
+    """Within the block, this thread's first ``torch.randn_like(latents)`` returns the selection.
+
+    ``torch.randn_like`` is swapped only while at least one block is open (reference-counted);
+    other threads and other calls pass straight through to the previous function. The block's
+    value is the :class:`Slot`; ``slot.fired`` says whether the draw happened.
+    """
+
+    _depth = 0
+
+    def __init__(self, latents, point: str, runtime):
+        self.slot = Slot(latents, point, runtime)
+
+    def __enter__(self) -> Slot:
+        self.prev_slot = getattr(_armed, "slot", None)
+        _armed.slot = self.slot
+        with _lock:
+            cls = SelectFirstRandnLike
+            if cls._depth == 0:
+                _intercepting_randn_like.__immiscible_next__ = torch.randn_like
+                torch.randn_like = _intercepting_randn_like
+            cls._depth += 1
+        return self.slot
+
+    def __exit__(self, *exc):
+        _armed.slot = self.prev_slot
+        with _lock:
+            cls = SelectFirstRandnLike
+            cls._depth -= 1
+            if cls._depth == 0:
+                torch.randn_like = _intercepting_randn_like.__immiscible_next__
+        return False
+
+
+# --------------------------------------------------------------------------- inline in a function
+
+#: (file base names, function name) -> (point name, runtime)
+_functions: dict[tuple[frozenset, str], tuple[str, object]] = {}
+
+
+def _caller_target(frame):
+    code = frame.f_code
+    base = os.path.basename(code.co_filename)
+    for (files, function), target in _functions.items():
+        if code.co_name == function and base in files:
+            return target
+    return None
+
+
+def _function_randn_like(input, *args, **kwargs):
+    """Installed by :func:`intercept_in_function`: selects the registered functions' inline draws."""
+    if isinstance(input, torch.Tensor) and _functions:
+        target = _caller_target(sys._getframe(1))
+        if target is not None:
+            point, runtime = target
+            noise = selected_like(Slot(input, point, runtime), input, args, kwargs)
+            if noise is not None:
+                return noise
+    return _function_randn_like.__immiscible_next__(input, *args, **kwargs)
+
+
+def intercept_in_function(files, function: str, point: str, runtime) -> None:
+    """From now on, ``torch.randn_like(x)`` called directly in ``function`` of any of ``files``
+    (base names, e.g. ``("train_control_net.py",)``) returns ``runtime.select(x, point)``.
+
+    Idempotent; installs :func:`_function_randn_like` as ``torch.randn_like`` once per process.
+    """
+    _functions[(frozenset(files), function)] = (point, runtime)
+    if torch.randn_like is _function_randn_like or getattr(torch.randn_like, MARK, False):
+        return
+    _function_randn_like.__immiscible_next__ = torch.randn_like
+    setattr(_function_randn_like, MARK, True)
+    torch.randn_like = _function_randn_like

@@ -1,0 +1,156 @@
+"""Run-time state of a patched training process: settings, selection with fallback, statistics.
+
+One :class:`Runtime` per adapter. Nothing here may end a training run: a selection that fails
+warns once, the batch uses stock noise, and :attr:`Runtime.stock_batches` counts such batches
+(by reason in :attr:`Runtime.stock_reasons`) so an adapter can report them.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import threading
+
+import torch
+
+import immiscible
+
+from .options import Settings, settings_from_args
+from .points import PointStatus
+from .ranks import draw_rank_seed
+from .telemetry import ReductionWindow, dump_row
+
+logger = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Settings, point statuses, selection and statistics of one adapter in this process.
+
+    Parameters
+    ----------
+    dump_env : str, optional
+        Environment variable naming a folder: every selection then appends a JSON line to
+        ``FOLDER/rank{R}.jsonl``.
+    validation_arg : str, optional
+        The trainer's argument that is False during validation passes (sd-scripts: ``is_train``);
+        looked for in up to ``validation_depth`` calling frames. None: the host has no validation.
+    """
+
+    def __init__(self, dump_env: str | None = None, validation_arg: str | None = None, validation_depth: int = 10):
+        self.dump_env, self.validation_arg, self.validation_depth = dump_env, validation_arg, validation_depth
+        #: Patch point name -> its status in this process (kept by :meth:`reset`).
+        self.points: dict[str, PointStatus] = {}
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget settings and statistics (tests); point statuses stay."""
+        self.settings: Settings | None = None
+        self.backend: str | None = None
+        self.warned: set[str] = set()
+        self.calls = 0
+        self.stock_batches = 0
+        self.stock_reasons: collections.Counter = collections.Counter()
+        self.window = ReductionWindow()
+
+    # ------------------------------------------------------------------ settings
+
+    def configure(self, settings: Settings, backend: str | None = None) -> None:
+        """Make ``settings`` this process's settings; ``backend`` is the resolved one, if known."""
+        self.settings, self.backend = settings, backend
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings is not None and self.settings.enabled
+
+    def settings_for(self, args) -> Settings | None:
+        """The configured settings, configuring lazily from ``args`` if start-up validation never ran.
+
+        A start-up check that was skipped must not kill the run later: a bad value then warns
+        once and disables selection.
+        """
+        if self.settings is None and args is not None and hasattr(args, "immiscible_k"):
+            try:
+                self.configure(settings_from_args(args))
+            except (TypeError, ValueError) as exc:
+                self.warn_once("lazy-config", "immiscible: %s; using stock noise", exc)
+                self.configure(Settings())
+        return self.settings
+
+    def active(self, args) -> bool:
+        s = self.settings_for(args)
+        return s is not None and s.enabled
+
+    # ------------------------------------------------------------------ warnings and fallback
+
+    def warn_once(self, key: str, msg: str, *fmt) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            logger.warning(msg, *fmt)
+
+    def stock(self, reason: str, msg: str, *fmt) -> None:
+        """A batch that should have been selected uses stock noise: count it, warn once per reason."""
+        with self.lock:
+            self.stock_batches += 1
+            self.stock_reasons[reason] += 1
+        self.warn_once(reason, msg, *fmt)
+
+    # ------------------------------------------------------------------ selection
+
+    def in_validation(self) -> bool:
+        """True when a calling frame has ``validation_arg`` bound to False (a validation pass)."""
+        if not self.validation_arg:
+            return False
+        frame = sys._getframe(1)
+        for _ in range(self.validation_depth):
+            if frame is None:
+                return False
+            if self.validation_arg in frame.f_code.co_varnames:
+                return frame.f_locals.get(self.validation_arg, True) is False
+            frame = frame.f_back
+        return False
+
+    def select(self, latents: torch.Tensor, point: str) -> torch.Tensor | None:
+        """Selected noise for ``latents``, or None for "use stock noise" (off, validation, failure).
+
+        The seed is drawn from torch's default generator (so ``--seed`` governs it) and, under
+        multi-process training, mixed with the process rank so that ranks use different pools.
+        """
+        s = self.settings
+        if s is None or not s.enabled:
+            return None
+        if not s.validation and self.in_validation():
+            return None
+        try:
+            rs = draw_rank_seed()
+            noise, info = immiscible.select_noise(latents, s.k, seed=rs.seed, mode=s.mode, metric=s.metric,
+                                                  backend=s.backend, return_info=True)
+        except Exception as exc:  # noqa: BLE001 - never end a run
+            self.stock(f"select:{type(exc).__name__}",
+                       "immiscible: selection failed at %s (%s: %s); using stock noise for this batch (warned once)",
+                       point, type(exc).__name__, exc)
+            return None
+        self._record(info, point, rs)
+        return noise
+
+    def _record(self, info, point, rs) -> None:
+        with self.lock:
+            self.calls += 1
+            calls = self.calls
+        self.window.add(info.reduction_per_sample.detach().float().sum().item(), int(info.index.numel()))
+        dump = os.environ.get(self.dump_env) if self.dump_env else None
+        if logger.isEnabledFor(logging.DEBUG) or dump:
+            row = {"point": point, "call": calls, "rank": rs.rank, "world_size": rs.world_size,
+                   "drawn_seed": rs.drawn, "seed": rs.seed, "k": info.k, "mode": info.mode, "metric": info.metric,
+                   "backend": info.backend, "index": info.index.tolist(), "reduction": info.reduction}
+            logger.debug("immiscible selection %s", row)
+            if dump:
+                try:
+                    dump_row(dump, rs.rank, row)
+                except OSError as exc:
+                    self.warn_once("dump", "immiscible: cannot write %s: %s", dump, exc)
+
+    def reduction_for_log(self) -> float | None:
+        """Mean reduction over the selections since the previous logging step (None if none)."""
+        return self.window.for_log()
