@@ -3,21 +3,26 @@
 ``install.py --sd-scripts PATH [--python VENV_PYTHON]`` calls :func:`main`. Installing:
 
 1. ``pip install --no-deps --no-build-isolation -e PACK`` into the target environment, unless
-   it already imports this pack (torch and friends are left alone);
+   it already imports this pack, ``immiscible_host`` included (torch and friends are left alone);
 2. writes ``immiscible_kohya_startup.pth`` into its site-packages: one guarded line that
    installs :mod:`kohya_patch.hook` at interpreter start-up;
 3. writes ``immiscible_kohya_install.json`` next to it, recording what step 1 did, so that
    ``--uninstall`` removes only what was added.
 
-Nothing inside the sd-scripts tree is touched. Every step is idempotent.
+Nothing inside the sd-scripts tree is touched. Every step is idempotent. ``--check`` prints
+one line per patch point of :data:`kohya_patch.points.POINTS`: ``ok``, ``absent`` (not in this
+sd-scripts version) or ``BROKEN`` (why).
 """
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from immiscible_host.points import ABSENT, BROKEN, OK, PointStatus, broken, inspect_sources, ok
+
+from .points import POINTS
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 DIST_NAME = "immiscible-diffusion"
@@ -26,35 +31,36 @@ MARKER_NAME = "immiscible_kohya_install.json"
 PTH_LINE = ('import sys; exec("try:\\n    import kohya_patch.startup\\nexcept Exception:\\n    pass")  '
             '# immiscible-diffusion: sd-scripts start-up hook (remove with install.py --uninstall)\n')
 
-#: (label, file in sd-scripts, function, required parameters, text its source must contain)
-PATCH_POINTS = [
-    ("train_util.add_training_arguments", "library/train_util.py", "add_training_arguments", ("parser",), None),
-    ("train_util.read_config_from_file", "library/train_util.py", "read_config_from_file", ("args", "parser"), None),
-    ("train_util.verify_training_args", "library/train_util.py", "verify_training_args", ("args",), None),
-    ("train_util.get_sai_model_spec", "library/train_util.py", "get_sai_model_spec", ("args",), None),
-    ("train_util.get_noise_noisy_latents_and_timesteps", "library/train_util.py",
-     "get_noise_noisy_latents_and_timesteps", ("args", "noise_scheduler", "latents"), "randn_like(latents"),
-    ("flux_train_utils.get_noisy_model_input_and_timesteps", "library/flux_train_utils.py",
-     "get_noisy_model_input_and_timesteps", ("latents", "noise"), None),
-    ("sd3_train_utils.get_noisy_model_input_and_timesteps", "library/sd3_train_utils.py",
-     "get_noisy_model_input_and_timesteps", ("latents", "noise"), None),
-    ("lumina_train_util.get_noisy_model_input_and_timesteps", "library/lumina_train_util.py",
-     "get_noisy_model_input_and_timesteps", ("latents", "noise"), None),
-    ("train_control_net.train (inline noise)", "train_control_net.py", "train", (), "torch.randn_like(latents"),
-]
-
 _PROBE = r"""
 import json, sys
 out = {"python": sys.executable, "version": sys.version.split()[0]}
 import sysconfig
 out["site_packages"] = sysconfig.get_paths()["purelib"]
 try:
-    import kohya_patch, kohya_patch.hook as h
+    import kohya_patch
     out["kohya_patch"] = kohya_patch.__file__
-    out["hook_active"] = h.installed()
-except Exception as e:
+except Exception:
     out["kohya_patch"] = None
+try:
+    import kohya_patch.hook as h
+    out["hook_active"] = h.installed()
+except Exception:
     out["hook_active"] = False
+try:
+    import immiscible_host
+    out["immiscible_host"] = immiscible_host.__file__
+except Exception:
+    out["immiscible_host"] = None
+out["external"] = {}
+for name, module, attribute in json.loads(sys.argv[1]) if len(sys.argv) > 1 else []:
+    try:
+        import importlib
+        obj = importlib.import_module(module)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+        out["external"][name] = None
+    except Exception as e:
+        out["external"][name] = f"{type(e).__name__}: {e}"
 try:
     from importlib.metadata import version
     out["dist"] = version("immiscible-diffusion")
@@ -73,9 +79,14 @@ def _say(msg: str) -> None:
     print(f"[immiscible sd-scripts] {msg}")
 
 
-def probe(python: str) -> dict:
-    """What the target interpreter sees (site-packages, pack location, hook, dist, torch)."""
-    res = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, cwd="/")
+def probe(python: str, external=()) -> dict:
+    """What the target interpreter sees (site-packages, pack location, hook, dist, torch).
+
+    ``external``: patch points outside sd-scripts' tree (accelerate) to look up there; the
+    answer's ``"external"`` maps each name to None (found) or why not.
+    """
+    spec = json.dumps([(p.name, p.module, p.attribute) for p in external])
+    res = subprocess.run([python, "-c", _PROBE, spec], capture_output=True, text=True, cwd="/")
     for line in res.stdout.splitlines():
         if line.startswith("@@"):
             return json.loads(line[2:])
@@ -89,41 +100,30 @@ def _from_this_pack(path: str | None) -> bool:
 # --------------------------------------------------------------------------- sd-scripts inspection
 
 
-def _function(tree: ast.Module, name: str):
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
-            return node
-    return None
+def patch_point_report(sd_scripts: Path, external: dict | None = None) -> list[tuple[str, PointStatus]]:
+    """``(name, status)`` for every point of :data:`kohya_patch.points.POINTS`.
 
-
-def patch_point_report(sd_scripts: Path) -> list[tuple[str, bool, str]]:
-    """``(label, found, detail)`` per patch point, read statically (nothing is imported)."""
-    rows, trees = [], {}
-    for label, rel, func, params, needle in PATCH_POINTS:
-        path = sd_scripts / rel
-        if rel not in trees:
-            try:
-                src = path.read_text(encoding="utf-8")
-                trees[rel] = (src, ast.parse(src))
-            except (OSError, SyntaxError) as exc:
-                trees[rel] = (None, exc)
-        src, tree = trees[rel]
-        if src is None:
-            rows.append((label, False, f"{rel}: {tree}"))
-            continue
-        node = _function(tree, func)
-        if node is None:
-            rows.append((label, False, f"{rel}: no function {func}"))
-            continue
-        names = [a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
-        missing = [p for p in params if p not in names]
-        if missing:
-            rows.append((label, False, f"{rel}:{node.lineno}: parameters {missing} missing"))
-        elif needle and needle not in (ast.get_source_segment(src, node) or ""):
-            rows.append((label, False, f"{rel}:{node.lineno}: no `{needle}` in the body"))
+    Points in sd-scripts' tree are read statically (nothing is imported); ``external`` maps the
+    names of the others (accelerate) to None (found in the target environment) or why not.
+    """
+    found = dict(inspect_sources(sd_scripts, POINTS))
+    rows = []
+    for point in POINTS:
+        if point in found:
+            rows.append((point.name, found[point]))
+        elif external is None or point.name not in external:
+            rows.append((point.name, ok("outside sd-scripts; checked when a run starts")))
+        elif external[point.name] is None:
+            rows.append((point.name, ok(f"{point.module}.{point.attribute} in the target environment")))
         else:
-            rows.append((label, True, f"{rel}:{node.lineno}"))
+            rows.append((point.name, broken(f"{point.module}.{point.attribute}: {external[point.name]}")))
     return rows
+
+
+def format_point(name: str, status: PointStatus) -> str:
+    """One ``--check`` line: ``ok``, ``absent`` (not in this sd-scripts version) or ``BROKEN``."""
+    word = {OK: "ok", ABSENT: "absent", BROKEN: "BROKEN"}[status.state]
+    return f"  {word:<7} {name}  [{status.detail}]"
 
 
 def sd_scripts_version(sd_scripts: Path) -> str:
@@ -160,17 +160,20 @@ def install_hook(sd_scripts: Path, python: str) -> int:
     site = Path(info["site_packages"])
     marker = site / MARKER_NAME
     record = json.loads(marker.read_text()) if marker.exists() else {}
-    if _from_this_pack(info["kohya_patch"]):
-        _say(f"pack already importable in {python}: {info['kohya_patch']}")
-    elif info["kohya_patch"]:
+    if info["kohya_patch"] and not _from_this_pack(info["kohya_patch"]):
         _say(f"ERROR: {python} already imports another copy of kohya_patch: {info['kohya_patch']}")
         return 1
+    if _from_this_pack(info["kohya_patch"]) and _from_this_pack(info.get("immiscible_host")):
+        _say(f"pack already importable in {python}: {info['kohya_patch']}")
     else:
+        # not installed, or an editable install from before immiscible_host existed (its finder maps
+        # only the packages it knew): install (again)
         rc = _pip(python, "install", "--no-deps", "--no-build-isolation", "-e", str(PACK_DIR))
         if rc:
             _say(f"ERROR: pip install -e {PACK_DIR} failed (exit {rc})")
             return rc
-        record["pip_installed"] = True
+        if not info["kohya_patch"]:
+            record["pip_installed"] = True
     pth = site / PTH_NAME
     if not pth.exists() or pth.read_text() != PTH_LINE:
         pth.write_text(PTH_LINE)
@@ -203,32 +206,37 @@ def uninstall_hook(python: str) -> int:
 
 
 def report(sd_scripts: Path | None, python: str) -> int:
-    info = probe(python)
-    ok = True
+    info = probe(python, [p for p in POINTS if not p.in_host])
+    good = True
     _say(f"python: {info['python']} (Python {info['version']}, torch {info['torch']})")
-    if info["kohya_patch"]:
+    if info["kohya_patch"] and info.get("immiscible_host"):
         _say(f"pack: {DIST_NAME} {info['dist'] or '(not pip-installed)'} -> {info['kohya_patch']}")
+    elif info["kohya_patch"]:
+        _say(f"pack: INCOMPLETE, {info['kohya_patch']} imports but immiscible_host does not "
+             "(an install from an older version: run install.py --sd-scripts again)")
+        good = False
     else:
         _say("pack: NOT importable in this environment")
-        ok = False
+        good = False
     pth = Path(info["site_packages"]) / PTH_NAME
     _say(f"start-up hook: {pth} {'present' if pth.exists() else 'MISSING'}, "
          f"{'active' if info['hook_active'] else 'NOT active'} at interpreter start-up")
-    ok &= bool(pth.exists() and info["hook_active"])
+    good &= bool(pth.exists() and info["hook_active"])
     if sd_scripts is None:
         marker = Path(info["site_packages"]) / MARKER_NAME
         if marker.exists():
             sd_scripts = Path(json.loads(marker.read_text()).get("sd_scripts", "")) or None
     if sd_scripts is None or not (sd_scripts / "library" / "train_util.py").exists():
         _say(f"sd-scripts: {'not given' if sd_scripts is None else f'no checkout at {sd_scripts}'}")
-        return 0 if ok else 1
+        return 0 if good else 1
     _say(f"sd-scripts: {sd_scripts}, version {sd_scripts_version(sd_scripts)}")
     _say(f"upstream --knn_noise_k (PR #2374): {'present' if upstream_knn_noise(sd_scripts) else 'absent'}")
-    for label, found, detail in patch_point_report(sd_scripts):
-        _say(f"  {'ok     ' if found else 'MISSING'} {label}  [{detail}]")
-        ok &= found
-    _say("all good" if ok else "problems found (see above)")
-    return 0 if ok else 1
+    _say("patch points (absent = not in this sd-scripts version, fine unless you run a trainer that needs it):")
+    for name, status in patch_point_report(sd_scripts, info.get("external")):
+        _say(format_point(name, status))
+        good &= status.state != BROKEN
+    _say("all good" if good else "problems found (see above)")
+    return 0 if good else 1
 
 
 def main(sd_scripts: str | None = None, python: str | None = None, check: bool = False,

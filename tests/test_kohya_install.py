@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kohya_patch import installer, options
+from immiscible_host import options as host_options
+from kohya_patch import installer, options, points
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,19 +21,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 def parser_with_options():
     p = argparse.ArgumentParser()
-    options.add_immiscible_arguments(p)
-    options.add_immiscible_arguments(p)  # idempotent
+    options.add_arguments(p)
+    options.add_arguments(p)  # idempotent
     return p
 
 
 def test_cli_defaults_are_off():
-    s = options.settings_from_args(parser_with_options().parse_args([]))
-    assert s == options.Settings() and not s.enabled and s.metadata() == {}
+    s = host_options.settings_from_args(parser_with_options().parse_args([]))
+    assert s == host_options.Settings() and not s.enabled and s.metadata() == {}
 
 
 def test_cli_parses_and_rejects():
     p = parser_with_options()
-    s = options.settings_from_args(p.parse_args(["--immiscible_k", "64", "--immiscible_mode", "assign",
+    s = host_options.settings_from_args(p.parse_args(["--immiscible_k", "64", "--immiscible_mode", "assign",
                                                  "--immiscible_metric", "cosine", "--immiscible_backend", "torch",
                                                  "--immiscible_validation"]))
     assert (s.k, s.mode, s.metric, s.backend, s.validation) == (64, "assign", "cosine", "torch", True)
@@ -53,25 +54,25 @@ def test_help_is_bilingual_with_recommendations():
     ("immiscible_k", -3, ValueError, "[1, 65536]"),
     ("immiscible_k", True, TypeError, "integer"),
     ("immiscible_k", 70000, ValueError, "[1, 65536]"),
-    ("immiscible_mode", "KNN", ValueError, "knn, assign"),
-    ("immiscible_metric", 2, ValueError, "l2, cosine"),
-    ("immiscible_backend", "cuda", ValueError, "auto, torch, triton"),
+    ("immiscible_mode", "KNN", ValueError, "'knn', 'assign'"),
+    ("immiscible_metric", 2, ValueError, "'l2', 'cosine'"),
+    ("immiscible_backend", "cuda", ValueError, "'auto', 'torch', 'triton'"),
     ("immiscible_validation", "yes", TypeError, "true or false"),
 ])
 def test_toml_values_are_validated(key, value, exc, needle):
     ns = parser_with_options().parse_args([])
     setattr(ns, key, value)
     with pytest.raises(exc) as info:
-        options.settings_from_args(ns)
+        host_options.settings_from_args(ns)
     assert key in str(info.value) and needle in str(info.value)
 
 
 def test_upstream_knn_noise_conflict():
     ns = argparse.Namespace(knn_noise_k=4)
-    options.check_upstream_overlap(ns, options.Settings(k=1))
-    options.check_upstream_overlap(argparse.Namespace(knn_noise_k=1), options.Settings(k=8))
+    options.check_upstream_overlap(ns, host_options.Settings(k=1))
+    options.check_upstream_overlap(argparse.Namespace(knn_noise_k=1), host_options.Settings(k=8))
     with pytest.raises(ValueError, match="knn_noise_k"):
-        options.check_upstream_overlap(ns, options.Settings(k=8))
+        options.check_upstream_overlap(ns, host_options.Settings(k=8))
 
 
 # --------------------------------------------------------------------------- start-up hook and launcher
@@ -153,18 +154,52 @@ def fake_sd_scripts(root: Path, noise_body="    noise = torch.randn_like(latents
     return root
 
 
+def report(root, external=None):
+    return {name: status for name, status in installer.patch_point_report(root, external)}
+
+
 def test_patch_point_report_reads_sources_statically(tmp_path):
-    rows = {label: (ok, detail) for label, ok, detail in installer.patch_point_report(fake_sd_scripts(tmp_path))}
-    assert len(rows) == len(installer.PATCH_POINTS)
-    assert rows["train_util.get_noise_noisy_latents_and_timesteps"] == (True, "library/train_util.py:5")
-    assert rows["sd3_train_utils.get_noisy_model_input_and_timesteps"][0] is False
-    assert "noise" in rows["sd3_train_utils.get_noisy_model_input_and_timesteps"][1]
+    rows = report(fake_sd_scripts(tmp_path))
+    assert list(rows) == [p.name for p in points.POINTS]  # one line per point of the one table
+    noise = rows["train_util.get_noise_noisy_latents_and_timesteps"]
+    assert noise.ok and noise.detail == "library/train_util.py:5"
+    sd3 = rows["sd3_train_utils.get_noisy_model_input_and_timesteps"]
+    assert sd3.state == "broken" and "noise" in sd3.detail
+    assert rows["accelerate.Accelerator.init_trackers"].ok  # outside sd-scripts: not read from its tree
+    rows = report(tmp_path, {"accelerate.Accelerator.init_trackers": "ModuleNotFoundError: accelerate"})
+    assert rows["accelerate.Accelerator.init_trackers"].state == "broken"
 
 
 def test_patch_point_report_notices_a_changed_noise_draw(tmp_path):
     root = fake_sd_scripts(tmp_path, noise_body="    noise = torch.randn(latents.shape)\n")
-    rows = {label: ok for label, ok, _ in installer.patch_point_report(root)}
-    assert rows["train_util.get_noise_noisy_latents_and_timesteps"] is False
+    rows = report(root)
+    assert rows["train_util.get_noise_noisy_latents_and_timesteps"].state == "broken"
+
+
+def test_an_older_sd_scripts_has_absent_points_and_the_old_controlnet_name(tmp_path):
+    """v0.8.7 / v0.9.1: no FLUX/SD3/Lumina utils, and the ControlNet trainer is train_controlnet.py."""
+    root = fake_sd_scripts(tmp_path)
+    for name in ("flux_train_utils", "sd3_train_utils", "lumina_train_util"):
+        (root / "library" / f"{name}.py").unlink()
+    (root / "train_control_net.py").rename(root / "train_controlnet.py")
+    rows = report(root)
+    for name in ("flux_train_utils", "sd3_train_utils", "lumina_train_util"):
+        status = rows[f"{name}.get_noisy_model_input_and_timesteps"]
+        assert status.state == "absent" and "not in this version" in status.detail
+    assert rows["train_control_net.train (inline noise)"].ok
+    assert rows["train_control_net.train (inline noise)"].detail == "train_controlnet.py:1"
+    assert "absent  flux_train_utils" in installer.format_point(
+        "flux_train_utils.get_noisy_model_input_and_timesteps", rows["flux_train_utils.get_noisy_model_input_and_timesteps"])
+
+
+def test_a_shim_that_only_imports_train_is_not_the_point(tmp_path):
+    """48d368fa ships both: train_controlnet.py imports train() from train_control_net.py."""
+    root = fake_sd_scripts(tmp_path)
+    (root / "train_controlnet.py").write_text("from train_control_net import setup_parser, train\n")
+    assert report(root)["train_control_net.train (inline noise)"].detail == "train_control_net.py:1"
+    (root / "train_control_net.py").unlink()
+    status = report(root)["train_control_net.train (inline noise)"]
+    assert status.state == "broken" and "train_controlnet.py" in status.detail
 
 
 def test_installer_refuses_a_non_sd_scripts_folder(tmp_path, capsys):
@@ -175,13 +210,44 @@ def test_installer_refuses_a_non_sd_scripts_folder(tmp_path, capsys):
 def test_check_and_uninstall_report_without_side_effects(tmp_path, capsys, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
-    monkeypatch.setattr(installer, "probe", lambda python: {
+    monkeypatch.setattr(installer, "probe", lambda python, external=(): {
         "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
-        "hook_active": False, "dist": None, "torch": "2.x"})
+        "immiscible_host": str(REPO / "immiscible_host"), "hook_active": False, "dist": None, "torch": "2.x",
+        "external": {p.name: None for p in external}})
     assert installer.main(sd_scripts=str(fake_sd_scripts(tmp_path / "sd")), check=True) == 1  # hook missing
     out = capsys.readouterr().out
     assert "MISSING" in out and "not a git checkout" in out
+    lines = [ln for ln in out.splitlines() if "  [" in ln]
+    assert len(lines) == len(points.POINTS) and "accelerate.Accelerator.init_trackers" in lines[-1]
     (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
     assert installer.main(uninstall=True) == 0
     assert installer.main(uninstall=True) == 0  # idempotent
     assert not any(site.iterdir())
+
+
+def test_an_install_from_before_immiscible_host_is_refreshed(tmp_path, monkeypatch, capsys):
+    """An editable install maps only the packages it knew: kohya_patch imports, immiscible_host does not."""
+    site = tmp_path / "site"
+    site.mkdir()
+    state = {"host": None}
+    monkeypatch.setattr(installer, "probe", lambda python, external=(): {
+        "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
+        "immiscible_host": state["host"], "hook_active": True, "dist": "0.1.0", "torch": "2.x",
+        "external": {p.name: None for p in external}})
+    pips = []
+
+    def pip(python, *args):
+        pips.append(args)
+        state["host"] = str(REPO / "immiscible_host")
+        return 0
+
+    monkeypatch.setattr(installer, "_pip", pip)
+    assert installer.main(check=True) == 1
+    assert "INCOMPLETE" in capsys.readouterr().out
+    sd = fake_sd_scripts(tmp_path / "sd")
+    (sd / "library" / "sd3_train_utils.py").write_text(
+        "def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype): pass\n")
+    assert installer.main(sd_scripts=str(sd)) == 0
+    assert pips == [("install", "--no-deps", "--no-build-isolation", "-e", str(installer.PACK_DIR))]
+    assert "pip_installed" not in (site / installer.MARKER_NAME).read_text()  # it was there before: keep it on uninstall
+    assert installer.main(sd_scripts=str(tmp_path / "sd")) == 0 and len(pips) == 1  # idempotent

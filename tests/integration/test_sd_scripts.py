@@ -323,6 +323,32 @@ def probe_flow():
     _emit(out)
 
 
+def probe_points():
+    """Every patch point's status in a patched process, the start-up check of both ControlNet script
+    names, and ``install.py --check``'s static report of this checkout."""
+    import importlib
+
+    _setup()
+    from kohya_patch import installer, preflight
+    from kohya_patch.runtime import RUNTIME
+
+    for name in ("library.train_util", "library.flux_train_utils", "library.sd3_train_utils",
+                 "library.lumina_train_util"):
+        importlib.import_module(name)
+    out = {"runtime": {name: str(status) for name, status in RUNTIME.points.items()}, "controlnet": {}}
+    parser = importlib.import_module("train_control_net").setup_parser()
+    importlib.import_module("train_controlnet")  # the deprecated shim imports train() from train_control_net
+    for script in ("train_control_net.py", "train_controlnet.py"):
+        preflight.running_script = lambda script=script: script
+        try:
+            preflight.start_up(parser.parse_args(["--immiscible_k", "8"]))
+            out["controlnet"][script] = str(RUNTIME.points["train_control_net.train (inline noise)"])
+        except Exception as exc:  # noqa: BLE001
+            out["controlnet"][script] = f"{type(exc).__name__}: {exc}"
+    out["static"] = {name: str(status) for name, status in installer.patch_point_report(Path(os.getcwd()))}
+    _emit(out)
+
+
 # =========================================================================== pytest side
 
 if __name__ != "__main__":
@@ -395,6 +421,16 @@ if __name__ != "__main__":
             ref = want["absent/" + key.split("/", 1)[1]]
             for field, value in tensors.items():
                 assert torch.equal(value, ref[field]), (key, field)
+
+    def test_every_patch_point_is_ok_at_run_time_and_statically():
+        from kohya_patch.points import POINTS
+
+        r = run_probe("probe_points")
+        names = [p.name for p in POINTS]
+        assert sorted(r["runtime"]) == sorted(n for n, p in zip(names, POINTS) if p.kind != "inline")
+        assert all(v == "ok" for v in r["runtime"].values()), r["runtime"]
+        assert r["controlnet"] == {"train_control_net.py": "ok", "train_controlnet.py": "ok"}
+        assert list(r["static"]) == names and all(v == "ok" for v in r["static"].values()), r["static"]
 
     def test_flow_matching_helpers_use_the_selected_noise_in_place():
         r = run_probe("probe_flow")

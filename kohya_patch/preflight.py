@@ -1,0 +1,35 @@
+"""Start-up of an sd-scripts run: validate the options, check the noise point the running
+trainer needs, resolve the backend and log the one-line summary.
+
+Called by the ``read_config_from_file`` and ``verify_training_args`` wrappers (:mod:`.support`);
+the machinery is :func:`immiscible_host.startup.start_up`, driven by the table in :mod:`.points`.
+"""
+from __future__ import annotations
+
+from immiscible_host import startup
+from immiscible_host.options import Settings
+from immiscible_host.points import INLINE
+from immiscible_host.startup import running_script
+
+from .noise import inline_status, intercept_inline
+from .options import check_upstream_overlap
+from .points import POINTS
+from .runtime import RUNTIME
+
+
+def _refresh(point):
+    return inline_status(point) if point.kind == INLINE else None
+
+
+def _on_enabled(point) -> None:
+    if point is not None and point.kind == INLINE:
+        intercept_inline(point)
+
+
+def start_up(args, parser=None) -> Settings:
+    """Validate, check patch points, configure the run and log the summary (idempotent).
+
+    Errors go through ``parser.error`` (exit 2) when ``parser`` is given, else raise ``ValueError``.
+    """
+    return startup.start_up(RUNTIME, args, POINTS, parser=parser, script=running_script(),
+                            extra_checks=(check_upstream_overlap,), point_status=_refresh, on_enabled=_on_enabled)

@@ -1,0 +1,66 @@
+"""Wrappers of sd-scripts' support points: options, config file, start-up, metadata, trackers.
+
+- ``train_util.add_training_arguments``: also registers the ``--immiscible_*`` options.
+- ``train_util.read_config_from_file`` / ``verify_training_args``: run :func:`.preflight.start_up`.
+- ``train_util.get_sai_model_spec``: adds ``ss_immiscible_*`` to saved models' metadata.
+- ``accelerate.Accelerator.init_trackers``: trackers log ``immiscible/reduction`` with the loss.
+
+Each is a factory ``wrap_*(original, point)`` named in :mod:`.points`.
+"""
+from __future__ import annotations
+
+import functools
+
+from immiscible_host import telemetry
+from immiscible_host.options import with_metadata
+from immiscible_host.patching import mark
+
+from . import preflight
+from .options import add_arguments
+from .runtime import RUNTIME
+
+
+def wrap_add_training_arguments(original, point=None):
+    @functools.wraps(original)
+    def add_training_arguments(parser, *a, **kw):
+        out = original(parser, *a, **kw)
+        add_arguments(parser)
+        return out
+
+    return mark(add_training_arguments, original)
+
+
+def wrap_read_config_from_file(original, point=None):
+    @functools.wraps(original)
+    def read_config_from_file(args, parser, *a, **kw):
+        args = original(args, parser, *a, **kw)
+        if hasattr(args, "immiscible_k"):
+            preflight.start_up(args, parser)
+        return args
+
+    return mark(read_config_from_file, original)
+
+
+def wrap_verify_training_args(original, point=None):
+    @functools.wraps(original)
+    def verify_training_args(args, *a, **kw):
+        out = original(args, *a, **kw)
+        if hasattr(args, "immiscible_k"):
+            preflight.start_up(args)
+        return out
+
+    return mark(verify_training_args, original)
+
+
+def wrap_get_sai_model_spec(original, point=None):
+    """``get_sai_model_spec(state_dict, args, ...)``: the spec plus ``ss_immiscible_*`` (not with --no_metadata)."""
+    @functools.wraps(original)
+    def get_sai_model_spec(*a, **kw):
+        args = a[1] if len(a) > 1 else kw.get("args")
+        return with_metadata(original(*a, **kw), RUNTIME.settings, bool(getattr(args, "no_metadata", False)))
+
+    return mark(get_sai_model_spec, original)
+
+
+def wrap_init_trackers(original, point=None):
+    return telemetry.wrap_init_trackers(original, RUNTIME)
