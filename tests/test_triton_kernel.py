@@ -1,7 +1,8 @@
 """The Philox kernels against their NumPy reference (kernels/philox_ref.py).
 
 On a CPU these run under TRITON_INTERPRET=1 (see conftest) and must match bit for bit; on a GPU
-libdevice's log/sin/cos may differ by a few ulp, so the comparison there has a tolerance.
+libdevice's log and fused multiply-adds may differ by a few ulp, so the comparison there has a tolerance.
+The compiled kernels' resources are checked for every GPU generation by tests/test_aot.py.
 """
 import numpy as np
 import pytest
@@ -68,6 +69,33 @@ def test_fused_partial_scores_match_materialized_candidates(batch, k, numel, see
     cands = cands.double().reshape(batch, k, numel)
     torch.testing.assert_close(nn.double(), cands.square().sum(-1), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(xn.double(), (cands * x.double()[:, None]).sum(-1), rtol=1e-5, atol=1e-4)
+
+
+def test_partial_scores_split_over_d_match_the_unsplit_sums():
+    # On a GPU the launcher splits D across programs when B * ceil(k / BLOCK_J) is small; the
+    # interpreter does not by default, so this runs that path explicitly.
+    x = torch.randn(2, 3001, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    plan = philox_knn.knn_partial_scores_plan(x, 5, 99, split_d=True)
+    assert plan.grid[2] > 1
+    plan.launch()
+    nn, xn = (t.sum(-1) for t in plan.outputs)
+    nn1, xn1 = philox_knn.knn_partial_scores(x, 5, 99)
+    torch.testing.assert_close(nn, nn1, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(xn, xn1, rtol=1e-5, atol=1e-3)
+    cands = torch.empty(10, 3001, device=DEVICE)
+    philox_knn.write_candidates(cands, 99, torch.arange(2).repeat_interleave(5), torch.arange(5).repeat(2), 0)
+    cands = cands.double().reshape(2, 5, 3001)
+    torch.testing.assert_close(nn.double(), cands.square().sum(-1), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(xn.double(), (cands * x.double()[:, None]).sum(-1), rtol=1e-5, atol=1e-3)
+
+
+def test_sincos_2pi_is_accurate_to_float32():
+    u = np.concatenate([np.arange(0, 2**31, 4099, dtype=np.int64).astype(np.float32) * np.float32(4.6566127342e-10),
+                        np.float32([0.0, 0.125, 0.25, 0.375, 0.5, 0.75, np.nextafter(np.float32(1), 0)])])
+    sin, cos = philox_ref.sincos_2pi(u.astype(np.float32))
+    theta = 2 * np.pi * u.astype(np.float64)
+    assert np.abs(sin - np.sin(theta)).max() < 2e-7 and np.abs(cos - np.cos(theta)).max() < 2e-7
+    assert sin.dtype == cos.dtype == np.float32
 
 
 def test_candidates_are_standard_normal():
