@@ -1,10 +1,12 @@
 # Two entry points: `make demo` (set-up + the main job) and `make test` (set-up + the test suite).
 # Both create .venv when it is missing. TORCH_PIN pins the CPU wheel for dev and CI only;
-# users installing the package get whatever torch they already have.
+# users installing the package get whatever torch they already have. TRITON_PIN likewise: the
+# ahead-of-time compile tests read its ptxas, and 3.10 changes the FP-fusion default.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.9.0
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -15,7 +17,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
