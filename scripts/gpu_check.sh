@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check, for a lent CUDA machine (about 2-4 minutes):
+# GPU check, for a lent CUDA machine (about 3-5 minutes):
 #   1. the test suite with the Triton kernels compiled (TRITON_INTERPRET unset), CUDA-only tests included;
-#   2. python -m immiscible_lab.bench --quick on CUDA, JSON included.
+#   2. python -m immiscible_lab.bench --quick on CUDA, JSON included;
+#   3. python -m immiscible.kernels.aot --time --bench: the kernels compiled for every architecture, then
+#      timed on this GPU and the bench rows, each beside the PREDICTED time (checks the model).
 # Logs and JSON go to $OUT (or ./gpu-check-out); a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +24,16 @@ test_rc=${PIPESTATUS[0]}
 timeout 240 $PY -m immiscible_lab.bench --quick --device cuda --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
+timeout 180 $PY -m immiscible.kernels.aot --time --bench "$OUT/bench_cuda.json" --json "$OUT/aot.json" 2>&1 \
+    | tee "$OUT/aot.log"
+aot_rc=${PIPESTATUS[0]}
+
 echo
 echo "== gpu_check summary =="
 head -n 2 "$OUT/device.txt"
 tail -n 1 "$OUT/pytest.log"
 sed -n '/^  B /,$p' "$OUT/bench.log" | grep -E '^ +16 +256 +65536|^  B |fp16' || tail -n 20 "$OUT/bench.log"
-echo "tests rc=$test_rc bench rc=$bench_rc; files in $OUT"
-exit $(( test_rc || bench_rc ))
+sed -n '/^kernels timed on/,/^$/p;/^measured vs PREDICTED/,/^$/p' "$OUT/aot.log"
+grep '^PROBLEM' "$OUT/aot.log"
+echo "tests rc=$test_rc bench rc=$bench_rc aot rc=$aot_rc; files in $OUT"
+exit $(( test_rc || bench_rc || aot_rc ))

@@ -32,6 +32,22 @@ def test_compiled_kernel_picks_the_argmin_up_to_near_ties(shape, k):
     assert torch.equal(noise, cands[torch.arange(shape[0], device="cuda"), info.index].to(x.dtype))
 
 
+@pytest.mark.parametrize("plan_of", ["knn", "write"])
+def test_compiled_kernels_keep_to_the_aot_resource_gate_on_this_gpu(plan_of):
+    # tests/test_aot.py checks every architecture's ptxas report without a GPU; this is the driver's
+    # view of the one at hand.
+    pytest.importorskip("triton")
+    from immiscible.kernels import aot, philox_knn
+
+    x = torch.randn(4, 65536, device="cuda")
+    ids = torch.arange(4, device="cuda")
+    plan = (philox_knn.knn_partial_scores_plan(x, 64, 1, ids) if plan_of == "knn"
+            else philox_knn.write_candidates_plan(torch.empty_like(x), 1, ids, ids, 0))
+    kernel = plan.launch()
+    torch.cuda.synchronize()
+    assert kernel.n_spills == 0 and kernel.n_regs <= aot.MAX_REGISTERS, (kernel.n_regs, kernel.n_spills)
+
+
 def test_torch_backend_runs_on_cuda():
     x = torch.randn(3, 4, 16, 16, device="cuda")
     noise, info = immiscible.select_noise(x, 8, seed=1, backend="torch", return_info=True)

@@ -166,8 +166,9 @@ class LaunchPlan:
     outputs: tuple = ()            # tensors the launch fills
     options: dict = field(default_factory=lambda: dict(OPTIONS))
 
-    def launch(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+    def launch(self):
+        """Run it; returns Triton's compiled kernel (``n_regs``, ``n_spills`` on a GPU)."""
+        return self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
 
 def _check_dtype(name: str, t: torch.Tensor, allowed: tuple) -> None:
