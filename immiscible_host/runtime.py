@@ -24,6 +24,10 @@ from .telemetry import ReductionWindow, dump_row
 logger = logging.getLogger(__name__)
 
 
+class SelectionNotApplied(RuntimeError):
+    """Selection was asked for, but the run's first draw did not go through it."""
+
+
 class Runtime:
     """Settings, point statuses, selection and statistics of one adapter in this process.
 
@@ -53,6 +57,9 @@ class Runtime:
         self.stock_batches = 0
         self.stock_reasons: collections.Counter = collections.Counter()
         self.window = ReductionWindow()
+        #: Why the run's first draw used stock noise (None: it was selected, or nothing was drawn yet).
+        self.first_draw_stock: str | None = None
+        self.first_step_checked = False
 
     # ------------------------------------------------------------------ settings
 
@@ -94,7 +101,32 @@ class Runtime:
         with self.lock:
             self.stock_batches += 1
             self.stock_reasons[reason] += 1
+            if self.calls == 0 and self.first_draw_stock is None:
+                self.first_draw_stock = msg % fmt if fmt else msg
         self.warn_once(reason, msg, *fmt)
+
+    def check_first_step(self, where: str, version: str = "unknown", advice: str = "") -> None:
+        """Stop the run before its first optimizer step when selection was asked for but its first
+        draw did not go through it (a missing or renamed patch point, a changed signature, noise
+        drawn some other way, an unknown trainer, a selection that failed).
+
+        The adapter calls this from a hook that runs once per step before the optimizer (e.g.
+        accelerate's ``backward``). Only the first call checks; later transient failures keep the
+        warn-once-and-count fallback. Raises :class:`SelectionNotApplied`.
+        """
+        if self.first_step_checked:
+            return
+        self.first_step_checked = True
+        if not self.enabled or self.in_validation():
+            return
+        if self.calls > 0 and self.first_draw_stock is None:
+            return
+        why = self.first_draw_stock or ("no noise draw went through the selection: this trainer draws its noise "
+                                        "in a way the pack does not intercept")
+        raise SelectionNotApplied(
+            f"immiscible: --immiscible_k {self.settings.k} was asked for, but the first training batch of "
+            f"{where} (version {version}) was not selected: {why}. Stopping before the first optimizer step so "
+            f"that the run does not train on stock noise. {advice}".rstrip())
 
     # ------------------------------------------------------------------ selection
 
