@@ -94,7 +94,7 @@ SASS = """
 .L_x_1:
         /*0010*/                   IMAD.HI.U32 R2, R0, -0x326172a9, RZ ;
         /*0020*/                   LOP3.LUT R3, R2, UR4, R5, 0x96, !PT ;
-        /*0030*/              @!P1 BRA `(.L_x_2) ;
+        /*0030*/              {guarded_branch} ;
 .L_x_3:
         /*0040*/                   LDG.E.CONSTANT R7, desc[UR6][R4.64] ;
         /*0050*/               @P0 BRA `(.L_x_3) ;
@@ -109,9 +109,13 @@ SASS = """
 """
 
 
-def test_hot_path_counts_the_main_loop_and_skips_slow_paths():
-    hot = aot.hot_path(SASS)
+@pytest.mark.parametrize("guarded_branch", ["@!P1 BRA `(.L_x_2)", "BRA.U !UP0, `(.L_x_2)"])  # sm_90, sm_120 forms
+def test_hot_path_counts_the_main_loop_and_skips_slow_paths(guarded_branch):
+    hot = aot.hot_path(SASS.replace("{guarded_branch}", guarded_branch))
     assert hot["loop"] and hot["cold_instructions"] == 2
-    assert hot["step_ops"] == {"IMAD.HI.U32": 1, "LOP3.LUT": 1, "BRA": 2, "FFMA": 1}
+    forward = guarded_branch.split()[1] if guarded_branch.startswith("@") else guarded_branch.split()[0]
+    expected = {"IMAD.HI.U32": 1, "LOP3.LUT": 1, "FFMA": 1, "BRA": 1}  # BRA: the loop's back-branch
+    expected[forward] = expected.get(forward, 0) + 1
+    assert hot["step_ops"] == expected
     assert hot["program_ops"] == {"S2R": 1, "STG.E": 1, "EXIT": 1}
     assert hot["step_philox"] == {"IMAD.HI.U32": 1, "LOP3.LUT": 1}

@@ -169,6 +169,7 @@ def compile_variant(kernel: str, signature: dict, constexprs: dict, attrs: dict,
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_PRED_OPERAND = re.compile(r"\s*!?U?P[T0-9]+\s*,")
 
 
 _PHILOX_MULTIPLIERS = ("-0x2daee0ad", "-0x326172a9", "0xd2511f53", "0xcd9e8d57")  # signed as SASS prints them
@@ -193,7 +194,8 @@ def hot_path(sass: str) -> dict:
             labels[m.group(1)] = len(ops)
         elif m := _INSTR.match(line):
             t = _TARGET.search(m.group(3))
-            ops.append((m.group(2), bool(m.group(1)), t.group(1) if t else None, m.group(3)))
+            guarded = bool(m.group(1)) or bool(_PRED_OPERAND.match(m.group(3)))  # @P0 BRA, or BRA.U !UP0, ...
+            ops.append((m.group(2), guarded, t.group(1) if t else None, m.group(3)))
     branches = [(i, labels[t], pred) for i, (op, pred, t, _) in enumerate(ops) if op.startswith("BRA") and t in labels]
     loops = [(t, i) for i, t, _ in branches if t < i]          # (first, last) instruction of each loop
     main = max(loops, key=lambda loop: loop[1] - loop[0], default=None)
