@@ -104,8 +104,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def with_metadata(metadata, settings: Settings | None, no_metadata: bool = False):
-    """``metadata`` plus the ``ss_immiscible_*`` keys when selection is on (a new dict; else as given)."""
+def with_metadata(metadata, settings: Settings | None, no_metadata: bool = False, stock_batches: int | None = None):
+    """``metadata`` plus the ``ss_immiscible_*`` keys when selection is on (a new dict; else as given).
+
+    ``stock_batches``: how many batches fell back to stock noise so far, written as
+    ``ss_immiscible_stock_batches`` (left out when None).
+    """
     if settings is None or not settings.enabled or no_metadata or not isinstance(metadata, dict):
         return metadata
-    return {**metadata, **settings.metadata()}
+    extra = {} if stock_batches is None else {METADATA_PREFIX + "stock_batches": str(int(stock_batches))}
+    return {**metadata, **settings.metadata(), **extra}

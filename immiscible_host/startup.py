@@ -42,7 +42,8 @@ def active_noise_points(points, statuses: dict[str, PointStatus]) -> list[str]:
 
 
 def start_up(runtime, args, points, *, parser=None, script: str | None = None, extra_checks=(),
-             point_status=None, on_enabled=None, config_file_attr: str = "config_file") -> Settings:
+             point_status=None, on_enabled=None, config_file_attr: str = "config_file",
+             unavailable_hint=None) -> Settings:
     """Validate, check the point the running script needs, configure ``runtime``, log the summary.
 
     Parameters
@@ -60,6 +61,8 @@ def start_up(runtime, args, points, *, parser=None, script: str | None = None, e
         None keeps the status the patcher recorded.
     on_enabled : callable ``(point)``, optional
         Called when selection is on, with the needed point (None when the script is unknown).
+    unavailable_hint : str or zero-argument callable, optional
+        Appended to the error for an unavailable needed point (the host's version, what to do).
 
     A missing needed point is an error when selection is on and a warning (once) when it is off.
     Idempotent; the summary is logged once per settings, on rank 0.
@@ -91,6 +94,8 @@ def start_up(runtime, args, points, *, parser=None, script: str | None = None, e
         if problem is not None:
             msg = f"immiscible: patch point {needed.name} needed by {script} is unavailable: {problem}"
             if settings.enabled:
+                if unavailable_hint:
+                    msg += " " + (unavailable_hint() if callable(unavailable_hint) else unavailable_hint)
                 stop(msg)
             runtime.warn_once(f"missing:{needed.name}", "%s (immiscible is off, carrying on)", msg)
     backend = None

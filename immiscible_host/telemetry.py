@@ -16,6 +16,8 @@ from .patching import is_patched, mark
 
 #: The tracker log entry this package adds.
 REDUCTION_KEY = "immiscible/reduction"
+#: The running count of batches that fell back to stock noise, logged with the loss.
+STOCK_KEY = "immiscible/stock_batches"
 #: A logged dict holding one of these keys is the per-step loss log that the reduction joins.
 LOSS_KEYS = ("loss/current", "loss")
 
@@ -51,16 +53,23 @@ class ReductionWindow:
             return None
 
 
-def add_reduction(values, window: ReductionWindow, loss_keys=LOSS_KEYS):
-    """``values`` plus ``immiscible/reduction`` when it is a loss log and there is a value to add."""
+def add_reduction(values, window: ReductionWindow, loss_keys=LOSS_KEYS, extra=None):
+    """``values`` plus ``immiscible/reduction`` when it is a loss log and there is a value to add.
+
+    ``extra``: a zero-argument callable returning more entries for every loss log (e.g. the
+    stock-batch count), or None.
+    """
     if isinstance(values, dict) and any(key in values for key in loss_keys):
         red = window.for_log()
+        more = dict(extra()) if extra is not None else {}
         if red is not None:
-            return {**values, REDUCTION_KEY: red}
+            more[REDUCTION_KEY] = red
+        if more:
+            return {**values, **more}
     return values
 
 
-def wrap_tracker(tracker, window: ReductionWindow, loss_keys=LOSS_KEYS) -> None:
+def wrap_tracker(tracker, window: ReductionWindow, loss_keys=LOSS_KEYS, extra=None) -> None:
     """Make ``tracker.log`` add the reduction (idempotent; a tracker refusing attributes goes without)."""
     log = getattr(tracker, "log", None)
     if log is None or is_patched(log):
@@ -68,7 +77,7 @@ def wrap_tracker(tracker, window: ReductionWindow, loss_keys=LOSS_KEYS) -> None:
 
     @functools.wraps(log)
     def tracker_log(values, *a, **kw):
-        return log(add_reduction(values, window, loss_keys), *a, **kw)
+        return log(add_reduction(values, window, loss_keys, extra), *a, **kw)
 
     try:
         tracker.log = mark(tracker_log, log)
@@ -77,14 +86,15 @@ def wrap_tracker(tracker, window: ReductionWindow, loss_keys=LOSS_KEYS) -> None:
 
 
 def wrap_init_trackers(original, runtime):
-    """``Accelerator.init_trackers``: once trackers start, they log ``runtime``'s reduction (k > 1 only)."""
+    """``Accelerator.init_trackers``: once trackers start, they log ``runtime``'s reduction and its
+    running count of stock batches (``immiscible/stock_batches``), k > 1 only."""
 
     @functools.wraps(original)
     def init_trackers(self, *a, **kw):
         out = original(self, *a, **kw)
         if runtime.enabled:
             for tracker in getattr(self, "trackers", []):
-                wrap_tracker(tracker, runtime.window)
+                wrap_tracker(tracker, runtime.window, extra=lambda: {STOCK_KEY: runtime.stock_batches})
         return out
 
     return mark(init_trackers, original)

@@ -20,9 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from immiscible_host.points import ABSENT, BROKEN, OK, PointStatus, broken, inspect_sources, ok
+from immiscible_host.points import ABSENT, BROKEN, OK, SUPPORT, PointStatus, absent, broken, inspect_sources, ok
 
-from .points import POINTS
+from . import version
+from .points import NOT_IN_VERSION, POINTS
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 DIST_NAME = "immiscible-diffusion"
@@ -104,19 +105,53 @@ def patch_point_report(sd_scripts: Path, external: dict | None = None) -> list[t
     """``(name, status)`` for every point of :data:`kohya_patch.points.POINTS`.
 
     Points in sd-scripts' tree are read statically (nothing is imported); ``external`` maps the
-    names of the others (accelerate) to None (found in the target environment) or why not.
+    names of the others (accelerate) to None (found in the target environment) or why not. A point
+    that a known version lacks by design (:data:`kohya_patch.points.NOT_IN_VERSION`) is ``absent``.
     """
     found = dict(inspect_sources(sd_scripts, POINTS))
+    limits = NOT_IN_VERSION.get(version.fingerprint(sd_scripts), {})
     rows = []
     for point in POINTS:
         if point in found:
-            rows.append((point.name, found[point]))
+            status = found[point]
+            if status.state == BROKEN and point.name in limits:
+                status = absent(f"{status.detail}: not in this version; {limits[point.name]}")
+            rows.append((point.name, status))
         elif external is None or point.name not in external:
             rows.append((point.name, ok("outside sd-scripts; checked when a run starts")))
         elif external[point.name] is None:
             rows.append((point.name, ok(f"{point.module}.{point.attribute} in the target environment")))
         else:
             rows.append((point.name, broken(f"{point.module}.{point.attribute}: {external[point.name]}")))
+    return rows
+
+
+def shipped_trainers(sd_scripts: Path) -> list[str]:
+    """The trainer scripts in this checkout: ``*train*.py`` at its top level, plus ``fine_tune.py``."""
+    names = {p.name for p in sd_scripts.glob("*train*.py")} | {p.name for p in sd_scripts.glob("fine_tune.py")}
+    return sorted(n for n in names if "minimal_inference" not in n)
+
+
+def trainer_report(sd_scripts: Path, statuses: dict[str, PointStatus]) -> list[tuple[str, str, bool]]:
+    """``(script, what --immiscible_k does there, problem)`` for every shipped trainer.
+
+    ``problem`` is True when the script's noise point is broken (not merely absent by design).
+    """
+    rows = []
+    for script in shipped_trainers(sd_scripts):
+        point = next((p for p in POINTS if script in p.scripts), None)
+        if point is None:
+            rows.append((script, "not a trainer this pack knows: with --immiscible_k > 1 it stops at its first step "
+                                 "unless its noise goes through a patch point above", False))
+            continue
+        status = statuses.get(point.name)
+        if status is not None and status.ok:
+            rows.append((script, f"selects through {point.name}", False))
+        else:
+            why = status.detail if status is not None else "not checked"
+            rows.append((script, f"refuses --immiscible_k > 1 at start-up: {point.name} is "
+                                 f"{status.state if status else 'unknown'} ({why})", status is not None
+                         and status.state == BROKEN))
     return rows
 
 
@@ -127,23 +162,17 @@ def format_point(name: str, status: PointStatus) -> str:
 
 
 def sd_scripts_version(sd_scripts: Path) -> str:
-    try:
-        res = subprocess.run(["git", "-C", str(sd_scripts), "describe", "--tags", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=20)
-        head = subprocess.run(["git", "-C", str(sd_scripts), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=20)
-        if res.returncode == 0 and head.returncode == 0:
-            return f"{res.stdout.strip()} (commit {head.stdout.strip()})"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown (not a git checkout)"
+    """``git describe`` and the commit, a tested version recognised by its files, or ``unknown``."""
+    return version.describe(sd_scripts)
 
 
 def upstream_knn_noise(sd_scripts: Path) -> bool:
+    """Whether this sd-scripts has a noise selection of its own (``--knn_noise_k``, ``--noise_selection``)."""
     try:
-        return "--knn_noise_k" in (sd_scripts / "library/train_util.py").read_text(encoding="utf-8")
+        text = (sd_scripts / "library/train_util.py").read_text(encoding="utf-8")
     except OSError:
         return False
+    return "--knn_noise_k" in text or "--noise_selection" in text
 
 
 # --------------------------------------------------------------------------- actions
@@ -230,11 +259,18 @@ def report(sd_scripts: Path | None, python: str) -> int:
         _say(f"sd-scripts: {'not given' if sd_scripts is None else f'no checkout at {sd_scripts}'}")
         return 0 if good else 1
     _say(f"sd-scripts: {sd_scripts}, version {sd_scripts_version(sd_scripts)}")
-    _say(f"upstream --knn_noise_k (PR #2374): {'present' if upstream_knn_noise(sd_scripts) else 'absent'}")
+    _say("own noise selection (--knn_noise_k, PR #2374 or a fork's --noise_selection): "
+         f"{'present (setting it on together with --immiscible_k > 1 is a start-up error)' if upstream_knn_noise(sd_scripts) else 'absent'}")
     _say("patch points (absent = not in this sd-scripts version, fine unless you run a trainer that needs it):")
-    for name, status in patch_point_report(sd_scripts, info.get("external")):
+    rows = patch_point_report(sd_scripts, info.get("external"))
+    trainers = trainer_report(sd_scripts, dict(rows))
+    needed = {p.name for p in POINTS if p.kind == SUPPORT or any(t in p.scripts for t, _, _ in trainers)}
+    for name, status in rows:
         _say(format_point(name, status))
-        good &= status.state != BROKEN
+        good &= not (status.state == BROKEN and name in needed)
+    _say("trainers in this checkout:")
+    for script, what, problem in trainers:
+        _say(f"  {'BROKEN' if problem else 'ok':<7} {script}: {what}")
     _say("all good" if good else "problems found (see above)")
     return 0 if good else 1
 

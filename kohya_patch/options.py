@@ -22,11 +22,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_immiscible_arguments(parser, k_help=K_HELP)
 
 
+#: Options of other noise selections, each with its own "off" values (checked against ``--immiscible_k``):
+#: upstream PR #2374 ``--knn_noise_k`` (1 = off), gesen2egee/Anima-Standalone-Trainer ``--knn_noise_k``
+#: (0 = off), gesen2egee/sd-scripts ``--noise_selection {gaussian,knn}`` (gaussian = off).
+KNN_NOISE_K_OFF = (None, 0, 1)
+NOISE_SELECTION_OFF = (None, "gaussian")
+
+
+def other_selection(args: argparse.Namespace) -> str | None:
+    """The other noise selection switched on in ``args`` (as ``--option value``), or None."""
+    selection = getattr(args, "noise_selection", None)
+    knn_k = getattr(args, "knn_noise_k", None)
+    if selection not in NOISE_SELECTION_OFF:
+        return f"--noise_selection {selection}" + (f" (--knn_noise_k {knn_k})" if knn_k is not None else "")
+    if selection is None and knn_k not in KNN_NOISE_K_OFF:
+        return f"--knn_noise_k {knn_k}"
+    return None
+
+
 def check_upstream_overlap(args: argparse.Namespace, settings: Settings) -> None:
-    """Setting both ``--immiscible_k`` and upstream's ``--knn_noise_k`` (PR #2374) is an error."""
-    upstream = getattr(args, "knn_noise_k", None)
-    if settings.enabled and upstream not in (None, 0, 1):
+    """Setting ``--immiscible_k`` > 1 and another selection on (:func:`other_selection`) is an error."""
+    other = other_selection(args)
+    if settings.enabled and other is not None:
         raise ValueError(
-            f"--immiscible_k {settings.k} and --knn_noise_k {upstream} both select the training noise; "
-            "set only one of them (--knn_noise_k is sd-scripts' own KNN selection, --immiscible_k this pack's) "
-            "/ --immiscible_kと--knn_noise_kは同時に指定できません")
+            f"--immiscible_k {settings.k} and {other} both select the training noise; set only one of them "
+            "(--knn_noise_k / --noise_selection are this sd-scripts' own noise selection, --immiscible_k this "
+            "pack's; their off values are --knn_noise_k 1 (or 0) and --noise_selection gaussian) "
+            "/ --immiscible_kと--knn_noise_k・--noise_selectionは同時に指定できません")

@@ -55,7 +55,20 @@ POINTS: tuple[PatchPoint, ...] = (
     # immiscible/reduction next to the loss in TensorBoard / W&B; patched when train_util is imported
     PatchPoint("accelerate.Accelerator.init_trackers", "accelerate", "Accelerator.init_trackers", SUPPORT,
                wrapper=_SUPPORT + "wrap_init_trackers", patched_with="library.train_util", in_host=False),
+    # the first-step guard: every trainer calls accelerator.backward(loss) before its optimizer step; the
+    # first call stops a k > 1 run whose first training draw was not selected (any drift, any unknown trainer)
+    PatchPoint("accelerate.Accelerator.backward", "accelerate", "Accelerator.backward", SUPPORT,
+               wrapper=_SUPPORT + "wrap_backward", patched_with="library.train_util", in_host=False),
 )
 
 #: Module the start-up hook watches -> the attribute that identifies sd-scripts' version of it.
 HOOK_TARGETS = hook_targets(POINTS)
+
+#: A version's fingerprint (:func:`kohya_patch.version.fingerprint`) -> patch points that version ships the file of, but not the point, by design -> why.
+NOT_IN_VERSION = {
+    "45340f13135db659": {
+        "sd3_train_utils.get_noisy_model_input_and_timesteps":
+            "b8896aad's prototype sd3_train.py draws and mixes its noise inline (no helper to wrap), so it "
+            "refuses --immiscible_k > 1 at start-up; no kohya_ss GUI release launches it",
+    },
+}

@@ -32,4 +32,12 @@ def start_up(args, parser=None) -> Settings:
     Errors go through ``parser.error`` (exit 2) when ``parser`` is given, else raise ``ValueError``.
     """
     return startup.start_up(RUNTIME, args, POINTS, parser=parser, script=running_script(),
-                            extra_checks=(check_upstream_overlap,), point_status=_refresh, on_enabled=_on_enabled)
+                            extra_checks=(check_upstream_overlap,), point_status=_refresh, on_enabled=_on_enabled,
+                            unavailable_hint=_hint)
+
+
+def _hint() -> str:
+    from .support import advice
+    from .version import running_version
+
+    return f"sd-scripts version: {running_version()}. {advice()}"

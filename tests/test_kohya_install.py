@@ -218,7 +218,7 @@ def test_check_and_uninstall_report_without_side_effects(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert "MISSING" in out and "not a git checkout" in out
     lines = [ln for ln in out.splitlines() if "  [" in ln]
-    assert len(lines) == len(points.POINTS) and "accelerate.Accelerator.init_trackers" in lines[-1]
+    assert len(lines) == len(points.POINTS) and "accelerate.Accelerator.backward" in lines[-1]
     (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
     assert installer.main(uninstall=True) == 0
     assert installer.main(uninstall=True) == 0  # idempotent
