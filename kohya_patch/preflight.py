@@ -16,6 +16,9 @@ from .options import check_upstream_overlap
 from .points import POINTS
 from .runtime import RUNTIME
 
+#: The patch point whose first call checks that the run's first draw was selected.
+GUARD = next(p.name for p in POINTS if p.wrapper and p.wrapper.endswith(":wrap_backward"))
+
 
 def _refresh(point):
     return inline_status(point) if point.kind == INLINE else None
@@ -26,13 +29,27 @@ def _on_enabled(point) -> None:
         intercept_inline(point)
 
 
+def check_guard(args, settings: Settings) -> None:
+    """Selection on needs the first-step guard: without it a drifted run could train on stock noise.
+
+    (Its status is recorded when sd-scripts' ``train_util`` is imported, which every run's start-up
+    comes from; a process that never imported it has nothing to guard.)
+    """
+    if not settings.enabled:
+        return
+    status = RUNTIME.points.get(GUARD)
+    if status is not None and not status.ok:
+        raise ValueError(f"immiscible: the first-step guard {GUARD} is unavailable ({status}), so a run that is not "
+                         f"selected could not be stopped; refusing --immiscible_k {settings.k}. {_hint()}")
+
+
 def start_up(args, parser=None) -> Settings:
     """Validate, check patch points, configure the run and log the summary (idempotent).
 
     Errors go through ``parser.error`` (exit 2) when ``parser`` is given, else raise ``ValueError``.
     """
     return startup.start_up(RUNTIME, args, POINTS, parser=parser, script=running_script(),
-                            extra_checks=(check_upstream_overlap,), point_status=_refresh, on_enabled=_on_enabled,
+                            extra_checks=(check_upstream_overlap, check_guard), point_status=_refresh, on_enabled=_on_enabled,
                             unavailable_hint=_hint)
 
 

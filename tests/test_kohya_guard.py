@@ -15,25 +15,13 @@ import sys
 
 import pytest
 import torch
-from test_kohya_patch import FAKE_CUSTOM, FAKE_FLUX, FAKE_TRAIN_UTIL, LATENTS, call, make_args
+from test_kohya_patch import FAKE_ACCELERATE, FAKE_CUSTOM, FAKE_FLUX, FAKE_TRAIN_UTIL, LATENTS, call, make_args
 
 from immiscible_host import options as host_options
 from immiscible_host.runtime import SelectionNotApplied
 from kohya_patch import hook, installer, options, preflight, support, version
 from kohya_patch.runtime import RUNTIME
 
-FAKE_ACCELERATE = '''
-class Accelerator:
-    def __init__(self):
-        self.steps = 0
-        self.trackers = []
-
-    def backward(self, loss, **kwargs):
-        self.steps += 1
-
-    def init_trackers(self, name, config=None, init_kwargs=None):
-        pass
-'''
 
 
 def _purge():
@@ -260,3 +248,13 @@ def test_check_lists_every_shipped_trainer_and_fails_only_for_a_needed_broken_po
     assert trainers["sd3_train.py"][1] and "refuses --immiscible_k > 1" in trainers["sd3_train.py"][0]
     assert "not a trainer this pack knows" in trainers["my_new_train.py"][0]
     assert trainers["train_control_net.py"][1] is False
+
+
+def test_without_the_guard_selection_is_refused(fake, monkeypatch):
+    """accelerate's Accelerator.backward gone (or renamed): nothing could stop an unselected run."""
+    tu, accelerate = fake()
+    monkeypatch.setitem(RUNTIME.points, preflight.GUARD, __import__("immiscible_host.points").points.broken(
+        "accelerate.Accelerator.backward not found"))
+    with pytest.raises(ValueError, match="first-step guard accelerate.Accelerator.backward is unavailable"):
+        preflight.start_up(make_args(immiscible_k=8))
+    preflight.start_up(make_args())  # off: fine

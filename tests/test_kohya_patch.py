@@ -99,6 +99,19 @@ def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, d
     return (sigmas * noise + (1.0 - sigmas) * latents).to(dtype), t * 1000, sigmas
 '''
 
+FAKE_ACCELERATE = '''
+class Accelerator:
+    def __init__(self):
+        self.steps = 0
+        self.trackers = []
+
+    def backward(self, loss, **kwargs):
+        self.steps += 1
+
+    def init_trackers(self, name, config=None, init_kwargs=None):
+        pass
+'''
+
 
 class Scheduler:
     """``add_noise`` of a DDPM schedule (stand-in for diffusers' DDPMScheduler)."""
@@ -129,9 +142,11 @@ def fake_library(tmp_path, monkeypatch):
     (pkg / "train_util.py").write_text(FAKE_TRAIN_UTIL)
     (pkg / "custom_train_functions.py").write_text(FAKE_CUSTOM)
     (pkg / "flux_train_utils.py").write_text(FAKE_FLUX)
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "__init__.py").write_text(FAKE_ACCELERATE)
     monkeypatch.syspath_prepend(str(tmp_path))
     saved_randn_like = torch.randn_like
-    for name in [m for m in sys.modules if m == "library" or m.startswith("library.")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("library", "accelerate")]:
         monkeypatch.delitem(sys.modules, name)
     RUNTIME.reset()
     RUNTIME.points.clear()
@@ -145,7 +160,7 @@ def fake_library(tmp_path, monkeypatch):
     finally:
         hook.uninstall()
         RUNTIME.reset()
-        for name in [m for m in sys.modules if m == "library" or m.startswith("library.")]:
+        for name in [m for m in sys.modules if m.split(".")[0] in ("library", "accelerate")]:
             del sys.modules[name]
         assert torch.randn_like is saved_randn_like
 
