@@ -113,8 +113,7 @@ def test_candidate_groups_do_not_leak_into_results(shape, k):
     assert torch.unique(flat, dim=0).shape[0] == flat.shape[0], "every candidate is a distinct draw"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("k", [1, 5, 40])
+@pytest.mark.parametrize("backend,k", [("torch", 1), ("torch", 5), ("torch", 40), ("triton", 1), ("triton", 6)])
 def test_a_sample_is_keyed_by_its_id_not_its_batch_position(backend, k):
     latents = _latents((4, 3, 8, 8), torch.float32, seed=6, backend=backend)
     ids = [7, 0, 123456, 2**32 - 1]
