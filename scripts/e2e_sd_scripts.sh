@@ -7,6 +7,7 @@
 # the start-up hook that install.py puts into the venv (not from kohya_patch.run).
 #
 # usage: scripts/e2e_sd_scripts.sh [EXT_DIR] [--repro] [--skip-multi] [--multi-only]
+#        SD_SCRIPTS_MATRIX="CHECKOUT=PYTHON ..." IMMISCIBLE_CACHE=DIR scripts/e2e_sd_scripts.sh
 #   EXT_DIR  where scripts/setup_integration.sh builds (or has built) the venv, tokenizer,
 #            checkpoint and images; default ${IMMISCIBLE_EXT_DIR:-$HOME/.cache/immiscible-ext}.
 #            SD_SCRIPTS_DIR / COMFYUI_DIR as for setup_integration.sh.
@@ -14,6 +15,10 @@
 #   --skip-multi  leave out the 2-process run (it needs ~14 GB of RAM)
 #   --multi-only  only the 2-process run (the checks reuse the single-process runs already there)
 # Runs go to EXT_DIR/cache/e2e-runs/; a summary is printed and written to summary.json there.
+# With SD_SCRIPTS_MATRIX (whitespace-separated CHECKOUT=PYTHON pairs: an sd-scripts checkout and the
+# venv python that runs it, e.g. from `scripts/setup_integration.sh --matrix`), the single-process
+# runs (k=8, option off, stock) are made for every checkout in turn, into
+# IMMISCIBLE_CACHE/e2e-matrix/<checkout name>/, and matrix.json there sums them up (wall times too).
 # Each training run holds `flock /tmp/immiscible-heavy.lock` (about 7 GB RSS per process).
 set -euo pipefail
 
@@ -35,6 +40,49 @@ done
 LOCK=${IMMISCIBLE_HEAVY_LOCK:-/tmp/immiscible-heavy.lock}
 log() { echo "[e2e_sd_scripts] $*" >&2; }
 
+# ---- the matrix: this script once per checkout -----------------------------------------------
+if [ -n "${SD_SCRIPTS_MATRIX:-}" ] && [ -z "${_IMMISCIBLE_E2E_ONE:-}" ]; then
+  [ -d "${IMMISCIBLE_CACHE:-}/train_images" ] || { log "SD_SCRIPTS_MATRIX needs IMMISCIBLE_CACHE (setup_integration.sh)"; exit 2; }
+  out=$IMMISCIBLE_CACHE/e2e-matrix
+  mkdir -p "$out"
+  t_all=$SECONDS
+  status=0
+  for entry in $SD_SCRIPTS_MATRIX; do
+    co=${entry%%=*}; py=${entry#*=}; name=$(basename "$co")
+    mkdir -p "$out/$name"
+    log "=== $name: $co with $py"
+    t0=$SECONDS
+    if _IMMISCIBLE_E2E_ONE=1 SD_SCRIPTS_DIR=$co IMMISCIBLE_VENV=$py IMMISCIBLE_E2E_RUNS=$out/$name \
+         bash "${BASH_SOURCE[0]}" --skip-multi > "$out/$name/stdout.json" 2> "$out/$name/stderr.log"; then
+      log "=== $name: passed in $((SECONDS - t0)) s"
+    else
+      status=1; log "=== $name: FAILED in $((SECONDS - t0)) s (see $out/$name/stderr.log)"; tail -30 "$out/$name/stderr.log" >&2
+    fi
+    echo $((SECONDS - t0)) > "$out/$name/matrix_wall_s"
+  done
+  python3 - "$out" "$SECONDS" "$t_all" $SD_SCRIPTS_MATRIX <<'PYEOF'
+import json, os, sys
+out, now, t0, entries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+rows = {}
+for entry in entries:
+    co = entry.split("=", 1)[0]
+    name = os.path.basename(co)
+    d = os.path.join(out, name)
+    try:
+        summary = json.load(open(os.path.join(d, "summary.json")))
+    except (OSError, ValueError):
+        summary = {"failures": ["no summary (see stderr.log)"]}
+    rows[name] = {"checkout": co, "wall_s": int(open(os.path.join(d, "matrix_wall_s")).read()),
+                  "passed": summary.get("failures") == [], "failures": summary.get("failures"),
+                  "version": summary.get("version"), "k8_metadata": summary.get("k8", {}).get("metadata"),
+                  "off_lora_bit_identical_to_stock": summary.get("stock", {}).get("off_lora_bit_identical")}
+res = {"total_wall_s": now - t0, "checkouts": rows}
+json.dump(res, open(os.path.join(out, "matrix.json"), "w"), indent=1)
+print(json.dumps(res, indent=1))
+PYEOF
+  exit $status
+fi
+
 # ---- fixtures (idempotent) and the pack ------------------------------------------------------
 if [ -x "${IMMISCIBLE_VENV:-}" ] && [ -f "${SD_SCRIPTS_DIR:-}/train_network.py" ] \
    && [ -s "${IMMISCIBLE_CACHE:-}/sd15_random.safetensors" ] && [ -d "$IMMISCIBLE_CACHE/train_images" ]; then
@@ -46,7 +94,7 @@ PY=$IMMISCIBLE_VENV
 VENV_BIN=$(dirname "$PY")
 "$PY" "$repo/install.py" --sd-scripts "$SD_SCRIPTS_DIR" --python "$PY" >&2
 
-RUNS=$IMMISCIBLE_CACHE/e2e-runs
+RUNS=${IMMISCIBLE_E2E_RUNS:-$IMMISCIBLE_CACHE/e2e-runs}
 mkdir -p "$RUNS"
 ln -sfn "$IMMISCIBLE_CACHE/train_images" "$RUNS/train_images"
 cd "$RUNS"   # configs/dataset_smoke_64px.toml has image_dir = "train_images", relative to here
@@ -67,7 +115,8 @@ train() {  # NAME LAUNCHER... -- EXTRA_ARGS...
   rm -rf "$RUNS/$name"; mkdir -p "$RUNS/$name"
   log "run $name: ${launcher[*]} train_network.py $*"
   local t0=$SECONDS
-  ( IMMISCIBLE_KOHYA_DUMP="$RUNS/$name/dump" PYTHONUNBUFFERED=1 \
+  # PYTHONPATH=<checkout>, as the kohya_ss GUI sets it: a venv shared by checkouts imports this one's library
+  ( IMMISCIBLE_KOHYA_DUMP="$RUNS/$name/dump" PYTHONUNBUFFERED=1 PYTHONPATH="$SD_SCRIPTS_DIR${PYTHONPATH:+:$PYTHONPATH}" \
       flock "$LOCK" "${launcher[@]}" "$SD_SCRIPTS_DIR/train_network.py" "${common[@]}" \
       --output_dir "$RUNS/$name/out" --logging_dir "$RUNS/$name/logs" "$@" ) > "$RUNS/$name/train.log" 2>&1 \
     || { tail -40 "$RUNS/$name/train.log" >&2; log "run $name FAILED"; exit 1; }
@@ -111,14 +160,14 @@ if [ "$MULTI" = 1 ]; then PYTHONPATH="$RUNS/ddp_shim${PYTHONPATH:+:$PYTHONPATH}"
     --num_cpu_threads_per_process 1 -- --immiscible_k 8; fi
 
 # ---- checks --------------------------------------------------------------------------------
-"$PY" - "$RUNS" "$REPRO" "$MULTI" <<'PYEOF'
+"$PY" - "$RUNS" "$REPRO" "$MULTI" "$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); from kohya_patch.version import describe; print(describe(sys.argv[2]))' "$repo" "$SD_SCRIPTS_DIR")" <<'PYEOF'
 import glob, json, os, sys
 import torch
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 runs, repro, multi = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
-summary, failures = {}, []
+summary, failures = {"version": sys.argv[4]}, []
 
 def check(cond, msg):
     if not cond:
@@ -130,28 +179,31 @@ def run_info(name):
         meta = f.metadata() or {}
         weights = {k: f.get_tensor(k) for k in f.keys()}
     dumps = {os.path.basename(p): [json.loads(l) for l in open(p)] for p in sorted(glob.glob(f"{d}/dump/*.jsonl"))}
-    red, loss = [], []
+    red, loss, stock = [], [], []
     for ev in glob.glob(f"{d}/logs/**/events.out.tfevents*", recursive=True):
         ea = EventAccumulator(ev); ea.Reload()
         if "immiscible/reduction" in ea.Tags()["scalars"]:
             red += [(e.step, round(e.value, 5)) for e in ea.Scalars("immiscible/reduction")]
+        if "immiscible/stock_batches" in ea.Tags()["scalars"]:
+            stock += [(e.step, e.value) for e in ea.Scalars("immiscible/stock_batches")]
         if "loss/current" in ea.Tags()["scalars"]:
             loss += [(e.step, e.value) for e in ea.Scalars("loss/current")]
     log = open(os.path.join(d, "train.log"), encoding="utf-8", errors="replace").read()
     return {"wall_s": int(open(os.path.join(d, "wall_s")).read()), "steps": meta.get("ss_steps"),
             "metadata": {k: v for k, v in meta.items() if k.startswith("ss_immiscible")},
-            "n_metadata": len(meta), "tb_reduction": red, "tb_loss": sorted(loss), "dumps": dumps, "weights": weights,
+            "n_metadata": len(meta), "tb_reduction": red, "tb_stock": stock, "tb_loss": sorted(loss), "dumps": dumps, "weights": weights,
             "summary_line": "immiscible: k=" in log}
 
 k8, off = run_info("k8"), run_info("off")
-check(k8["metadata"].get("ss_immiscible_k") == "8" and k8["metadata"].get("ss_immiscible_mode") == "knn",
-      f"k8 metadata: {k8['metadata']}")
+check(k8["metadata"].get("ss_immiscible_k") == "8" and k8["metadata"].get("ss_immiscible_mode") == "knn"
+      and k8["metadata"].get("ss_immiscible_stock_batches") == "0", f"k8 metadata: {k8['metadata']}")
 check(off["metadata"] == {}, f"off run has immiscible metadata: {off['metadata']}")
 check(k8["steps"] == "2" and off["steps"] == "2", "not 2 steps")
 check(k8["summary_line"] and not off["summary_line"], "start-up summary line")
 check(len(k8["tb_reduction"]) == 2 and all(v > 0 for _, v in k8["tb_reduction"]),
       f"tensorboard reduction {k8['tb_reduction']}")
-check(not off["tb_reduction"] and not off["dumps"], "the off run selected noise")
+check(len(k8["tb_stock"]) == 2 and all(v == 0 for _, v in k8["tb_stock"]), f"tensorboard stock {k8['tb_stock']}")
+check(not off["tb_reduction"] and not off["tb_stock"] and not off["dumps"], "the off run selected noise")
 rows = k8["dumps"].get("rank0.jsonl", [])
 check(len(rows) == 2 and all(r["k"] == 8 for r in rows), f"k8 dump {rows}")
 summary["k8"] = {"wall_s": k8["wall_s"], "metadata": k8["metadata"], "tensorboard_reduction": k8["tb_reduction"],

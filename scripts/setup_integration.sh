@@ -4,6 +4,7 @@
 # training images. Idempotent: every step is skipped when its output is already there.
 #
 # usage: scripts/setup_integration.sh [EXT_DIR]
+#        scripts/setup_integration.sh --matrix EXT_DIR CHECKOUT...   (one venv per distinct requirements.txt)
 #   EXT_DIR        default: ${IMMISCIBLE_EXT_DIR:-$HOME/.cache/immiscible-ext}
 #   SD_SCRIPTS_DIR checkout of kohya-ss/sd-scripts   (default: EXT_DIR/sd-scripts)
 #   COMFYUI_DIR    checkout of ComfyUI               (default: EXT_DIR/ComfyUI)
@@ -23,6 +24,54 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fixtures=$here/fixtures
+
+# ---- --matrix: a venv per sd-scripts requirements.txt, for several checkouts ---------------------
+# EXT_DIR/matrix/base holds torch 2.14.1 + torchvision 0.29.1 once; each distinct requirements.txt
+# (checkouts whose files agree share one) gets EXT_DIR/matrix/req-<sha8> layered on it with a .pth
+# (a plain venv: `--system-site-packages` from a venv's python would expose the interpreter's global
+# site-packages, not the base venv's), its own `pip install -r requirements.txt`, and the pack
+# (install.py). NumPy 1 wheels: when `import library.train_util` fails (v0.8.7's opencv, v0.9.1's
+# unpinned numpy) the install is repeated with "numpy<2" "pandas<3" (pandas 3 needs NumPy 2).
+# Prints `export SD_SCRIPTS_MATRIX="CHECKOUT=PYTHON ..."` for tests/integration and e2e_sd_scripts.sh.
+if [ "${1:-}" = "--matrix" ]; then
+  shift
+  EXT_DIR=${1:?usage: setup_integration.sh --matrix EXT_DIR CHECKOUT...}; shift
+  M=$EXT_DIR/matrix; mkdir -p "$M"; BASE=$M/base
+  log() { echo "[setup_integration] $*" >&2; }
+  if [ ! -f "$BASE/.done" ]; then
+    log "base venv $BASE: torch==2.14.1 torchvision==0.29.1"
+    "${PYTHON:-python3}" -m venv "$BASE"
+    "$BASE/bin/python" -m pip --disable-pip-version-check install torch==2.14.1 torchvision==0.29.1 >&2
+    touch "$BASE/.done"
+  fi
+  base_sp=$("$BASE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  pairs=()
+  for co in "$@"; do
+    co=$(cd "$co" && pwd)
+    [ -f "$co/requirements.txt" ] || { log "no requirements.txt in $co"; exit 1; }
+    V=$M/req-$(sha256sum "$co/requirements.txt" | cut -c1-8)
+    if [ ! -f "$V/.done" ]; then
+      log "venv $V for $co ($(date -u +%T))"
+      [ -x "$V/bin/python" ] || "${PYTHON:-python3}" -m venv "$V"
+      echo "$base_sp" > "$("$V/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_immiscible_base.pth"
+      pip=("$V/bin/python" -m pip --disable-pip-version-check)
+      (cd "$co" && nice -n 10 "${pip[@]}" install -r requirements.txt pytest) >&2
+      if ! (cd "$co" && PYTHONPATH=$co "$V/bin/python" -c "import library.train_util, accelerate, cv2") >/dev/null 2>&1; then
+        log "$co: library.train_util does not import; again with numpy<2 pandas<3"
+        (cd "$co" && nice -n 10 "${pip[@]}" install -r requirements.txt "numpy<2" "pandas<3") >&2
+      fi
+      "${pip[@]}" check >&2 || { log "pip check failed in $V"; exit 1; }
+      (cd "$co" && PYTHONPATH=$co "$V/bin/python" -c "import library.train_util, accelerate, cv2") >&2 \
+        || { log "import check failed for $co in $V"; exit 1; }
+      touch "$V/.done"
+    fi
+    "$V/bin/python" "$here/../install.py" --sd-scripts "$co" --python "$V/bin/python" >&2 \
+      || { log "install.py --sd-scripts $co failed"; exit 1; }
+    pairs+=("$co=$V/bin/python")
+  done
+  echo "export SD_SCRIPTS_MATRIX=\"${pairs[*]}\""
+  exit 0
+fi
 EXT_DIR=${1:-${IMMISCIBLE_EXT_DIR:-$HOME/.cache/immiscible-ext}}
 mkdir -p "$EXT_DIR"
 EXT_DIR=$(cd "$EXT_DIR" && pwd)
