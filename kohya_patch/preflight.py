@@ -57,4 +57,4 @@ def _hint() -> str:
     from .support import advice
     from .version import running_version
 
-    return f"sd-scripts version: {running_version()}. {advice()}"
+    return f"(sd-scripts version: {running_version()}). {advice()}"
