@@ -6,9 +6,11 @@ the machinery is :func:`immiscible_host.startup.start_up`, driven by the table i
 """
 from __future__ import annotations
 
+import sys
+
 from immiscible_host import startup
 from immiscible_host.options import Settings
-from immiscible_host.points import INLINE
+from immiscible_host.points import INLINE, broken
 from immiscible_host.startup import running_script
 
 from .noise import inline_status, intercept_inline
@@ -21,7 +23,13 @@ GUARD = next(p.name for p in POINTS if p.wrapper and p.wrapper.endswith(":wrap_b
 
 
 def _refresh(point):
-    return inline_status(point) if point.kind == INLINE else None
+    if point.kind == INLINE:
+        return inline_status(point)
+    module = sys.modules.get(point.module)
+    if point.name not in RUNTIME.points and module is not None and not hasattr(module, point.attribute):
+        # the hook leaves a module without its identifying attribute alone (e.g. b8896aad's sd3_train_utils)
+        return broken(f"{point.module} has no {point.attribute} in this sd-scripts version")
+    return None
 
 
 def _on_enabled(point) -> None:
