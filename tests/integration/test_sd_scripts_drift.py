@@ -186,6 +186,30 @@ if __name__ != "__main__":
         if kind == "unknown_trainer":
             assert "not a trainer this pack knows" in r["trainers"]["my_lora_trainer.py"][0]
 
+    @pytest.mark.slow
+    @pytest.mark.skipif(os.environ.get("IMMISCIBLE_E2E") != "1" or not os.environ.get("IMMISCIBLE_CACHE"),
+                        reason="set IMMISCIBLE_E2E=1 and IMMISCIBLE_CACHE to run a real drifted train_network.py")
+    def test_a_real_drifted_run_stops_before_its_first_optimizer_step(tmp_path):
+        """The whole trainer (hook from the venv's start-up .pth), base draw changed: it must not train."""
+        cache = Path(os.environ["IMMISCIBLE_CACHE"])
+        root = _copy(tmp_path)
+        DRIFTS["draw"][1](root)
+        (tmp_path / "train_images").symlink_to(cache / "train_images")
+        argv = [PY, str(root / "train_network.py"), "--pretrained_model_name_or_path", str(cache / "sd15_random.safetensors"),
+                "--tokenizer_cache_dir", str(cache / "tokenizer"),
+                "--dataset_config", str(REPO / "configs/dataset_smoke_64px.toml"), "--network_module", "networks.lora",
+                "--network_dim", "4", "--max_train_steps", "2", "--mixed_precision", "no", "--sdpa", "--seed", "42",
+                "--output_dir", str(tmp_path / "out"), "--output_name", "lora", "--immiscible_k", "8"]
+        env = {**os.environ, "PYTHONPATH": str(root), "IMMISCIBLE_KOHYA_DISABLE": ""}
+        res = subprocess.run(["flock", os.environ.get("IMMISCIBLE_HEAVY_LOCK", "/tmp/immiscible-heavy.lock"), *argv],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+        log = res.stdout + res.stderr
+        assert res.returncode != 0, log[-3000:]
+        assert "SelectionNotApplied" in log and "Stopping before the first optimizer step" in log, log[-3000:]
+        assert "no longer draws its noise with torch.randn_like(latents)" in log
+        assert not (tmp_path / "out" / "lora.safetensors").exists()
+        print("\n" + next(ln for ln in log.splitlines() if "SelectionNotApplied:" in ln)[:1500])
+
 
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])
