@@ -3,6 +3,7 @@
 
     python install.py --sd-scripts PATH [--python VENV_PYTHON]   # kohya-ss sd-scripts
     python install.py --comfyui PATH                             # ComfyUI custom node
+    python install.py --musubi-tuner PATH [--python VENV_PYTHON] # kohya-ss musubi-tuner (--check/--uninstall too)
     python install.py --check [--sd-scripts PATH] [--python ...]      # add --comfyui PATH for ComfyUI
     python install.py --uninstall [--sd-scripts PATH] [--comfyui PATH] [--python ...]
     python install.py                                            # ComfyUI-Manager: requirements only
@@ -22,6 +23,7 @@ sys.path.insert(0, str(PACK_DIR))
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd-scripts", metavar="PATH", help="kohya-ss sd-scripts checkout to patch at start-up")
+    p.add_argument("--musubi-tuner", metavar="PATH", help="kohya-ss musubi-tuner checkout to patch at start-up")
     p.add_argument("--comfyui", metavar="PATH", help="ComfyUI folder whose custom_nodes/ gets this pack")
     p.add_argument("--python", metavar="PATH",
                    help="python of the target environment (default: the one running this script)")
@@ -37,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     # --check / --uninstall with no folder act on the sd-scripts environment (its start-up hook
     # lives in --python's site-packages); no flag at all is ComfyUI-Manager's requirements step.
-    if args.sd_scripts or ((args.check or args.uninstall) and not args.comfyui):
+    if args.musubi_tuner:
+        from musubi_patch import installer as musubi_installer
+
+        rc |= musubi_installer.main(musubi_tuner=args.musubi_tuner, python=python, check=args.check,
+                                    uninstall=args.uninstall)
+    if args.sd_scripts or ((args.check or args.uninstall) and not (args.comfyui or args.musubi_tuner)):
         from kohya_patch import installer as kohya_installer
 
         rc |= kohya_installer.main(sd_scripts=args.sd_scripts, python=python, check=args.check,
                                    uninstall=args.uninstall)
-    if args.comfyui or not (args.sd_scripts or args.check or args.uninstall):
+    if args.comfyui or not (args.sd_scripts or args.musubi_tuner or args.check or args.uninstall):
         from comfy_nodes import installer as comfy_installer
 
         rc |= comfy_installer.main(comfyui=args.comfyui, python=args.python, copy=args.copy, check=args.check,

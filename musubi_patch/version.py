@@ -1,0 +1,74 @@
+"""Which musubi-tuner is this: ``git describe`` and the commit when the tree is a git checkout, else
+``pyproject.toml``'s version plus a fingerprint of the files this pack patches, matched against the
+versions it was tested on. Imports nothing heavy.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+#: sha256 (first 16 hex digits) of the patched source files (see :data:`FILES`) -> version.
+KNOWN = {
+    "2fb2f458db284d19": "v0.3.4 (commit 30c658c4, main 2026-06-24)",
+}
+#: The files under ``src/musubi_tuner`` that hold patch points (the fingerprint's input).
+FILES = ("training/trainer_base.py", "training/parser_common.py", "utils/sai_model_spec.py",
+         "dataset/config_utils.py", "hv_train.py", "qwen_image_train.py", "zimage_train.py", "hidream_o1_train.py")
+
+
+def fingerprint(root: Path) -> str | None:
+    """First 16 hex digits of a sha256 over :data:`FILES` under ``root/src/musubi_tuner`` (None if unreadable)."""
+    h = hashlib.sha256()
+    try:
+        for rel in FILES:
+            h.update(rel.encode() + b"\0" + (Path(root) / "src/musubi_tuner" / rel).read_bytes().replace(b"\r\n", b"\n"))
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
+
+
+def pyproject_version(root: Path) -> str | None:
+    try:
+        text = (Path(root) / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+    return m.group(1) if m else None
+
+
+@functools.lru_cache(maxsize=None)
+def describe(root: str | Path) -> str:
+    """``"v0.3.4-2-gabcdef12 (commit …)"``, ``"0.3.4, identified as v0.3.4 (commit 30c658c4 …)"`` or ``"unknown"``."""
+    root = Path(root)
+    head = _git(root, "rev-parse", "HEAD")
+    if head:
+        return f"{_git(root, 'describe', '--tags', '--always', '--dirty') or head[:8]} (commit {head})"
+    declared = pyproject_version(root) or "no pyproject version"
+    known = KNOWN.get(fingerprint(root))
+    if known:
+        return f"{declared}, identified as {known} by its files (not a git checkout)"
+    return f"{declared} (not a git checkout; its patched files match no tested version)"
+
+
+def running_root() -> Path | None:
+    """The musubi-tuner checkout whose package this process imported (None if none)."""
+    module = sys.modules.get("musubi_tuner")
+    path = getattr(module, "__file__", None)
+    return Path(path).resolve().parent.parent.parent if path else None   # src/musubi_tuner/__init__.py
+
+
+def running_version() -> str:
+    root = running_root()
+    return describe(root) if root is not None else "unknown"
