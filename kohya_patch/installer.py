@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from immiscible_host.envinstall import other_hooks
 from immiscible_host.points import ABSENT, BROKEN, OK, SUPPORT, PointStatus, absent, broken, inspect_sources, ok
 
 from . import version
@@ -224,10 +225,12 @@ def uninstall_hook(python: str) -> int:
         pth.unlink()
         _say(f"removed {pth}")
     rc = 0
-    if record.get("pip_installed") and info["dist"]:
+    others = other_hooks(site, PTH_NAME)  # e.g. the musubi-tuner adapter's hook in the same venv
+    if record.get("pip_installed") and info["dist"] and not others:
         rc = _pip(python, "uninstall", "-y", DIST_NAME)
     elif info["dist"]:
-        _say(f"{DIST_NAME} {info['dist']} was installed before this installer ran; left in place")
+        why = f"still used by {', '.join(others)}" if others else "it was installed before this installer ran"
+        _say(f"{DIST_NAME} {info['dist']} left in place: {why}")
     if marker.exists():
         marker.unlink()
     _say("uninstalled (nothing inside sd-scripts was ever changed)")

@@ -251,3 +251,25 @@ def test_an_install_from_before_immiscible_host_is_refreshed(tmp_path, monkeypat
     assert pips == [("install", "--no-deps", "--no-build-isolation", "-e", str(installer.PACK_DIR))]
     assert "pip_installed" not in (site / installer.MARKER_NAME).read_text()  # it was there before: keep it on uninstall
     assert installer.main(sd_scripts=str(tmp_path / "sd")) == 0 and len(pips) == 1  # idempotent
+
+
+def test_uninstall_leaves_the_pack_to_another_adapter_in_the_same_venv(tmp_path, monkeypatch, capsys):
+    """sd-scripts installed first, musubi-tuner's hook beside it: removing ours must not break theirs."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.setattr(installer, "probe", lambda python, external=(): {
+        "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
+        "immiscible_host": str(REPO / "immiscible_host"), "hook_active": True, "dist": "0.2.0", "torch": "2.x",
+        "external": {}})
+    pips = []
+    monkeypatch.setattr(installer, "_pip", lambda python, *args: pips.append(args) or 0)
+    (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
+    (site / installer.MARKER_NAME).write_text('{"pip_installed": true}')
+    (site / "immiscible_musubi_startup.pth").write_text("import musubi_patch.startup\n")
+    assert installer.main(uninstall=True) == 0
+    assert pips == [] and "still used by immiscible_musubi_startup.pth" in capsys.readouterr().out
+    assert sorted(p.name for p in site.iterdir()) == ["immiscible_musubi_startup.pth"]
+    (site / "immiscible_musubi_startup.pth").unlink()
+    (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
+    (site / installer.MARKER_NAME).write_text('{"pip_installed": true}')
+    assert installer.main(uninstall=True) == 0 and pips == [("uninstall", "-y", installer.DIST_NAME)]
