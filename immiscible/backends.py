@@ -24,11 +24,11 @@ class TorchBackend:
     def _layout(self, numel, count, stream):
         return CandidateLayout(self.seed, numel, count, stream)
 
-    def knn(self, x, k, metric, chunk_bytes):
-        """``noise [B, D], index [B], dist [B, k], cos [B, k]``."""
+    def knn(self, x, k, metric, chunk_bytes, with_cosines=True):
+        """``noise [B, D], index [B], dist [B, k], cos [B, k]`` (cos may be None without ``with_cosines``)."""
         layout = self._layout(x.shape[1], k, KNN_STREAM)
         fill = lambda buf, b0, b1, g0, g1: layout.fill(buf, self.ids[b0:b1], g0, g1)  # noqa: E731
-        return knn_select(x, k, fill, layout.group, metric, chunk_bytes)
+        return knn_select(x, k, fill, layout.group, metric, chunk_bytes, with_cosines)
 
     def pool_scores(self, x, pool_size, chunk_bytes):
         layout = self._layout(x.shape[1], pool_size, POOL_STREAM)
@@ -63,7 +63,7 @@ class TritonBackend:
         return write_candidates(out, self.seed, torch.as_tensor(sample, dtype=torch.int64),
                                 torch.as_tensor(index, dtype=torch.int64), stream)
 
-    def knn(self, x, k, metric, chunk_bytes):
+    def knn(self, x, k, metric, chunk_bytes, with_cosines=True):
         from .kernels.philox_knn import knn_partial_scores
 
         ids = torch.tensor(self.ids, dtype=torch.int64, device=x.device)

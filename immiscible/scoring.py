@@ -55,20 +55,29 @@ def _plan(count: int, cap: int, group: int) -> tuple[int, int]:
 
 
 def knn_select(x: torch.Tensor, k: int, fill: GroupFiller, group: int, metric: str = "l2",
-               chunk_bytes: int | None = None):
+               chunk_bytes: int | None = None, with_cosines: bool = True):
     """Nearest of ``k`` candidates per latent, scored chunk by chunk and kept as it is found.
 
     ``x`` is fp32 ``[B, D]``; ``fill(buf, b0, b1, g0, g1)`` writes candidate groups ``[g0, g1)``
     (``group`` candidates each, the last may be shorter) of samples ``b0..b1-1`` into consecutive
     rows of ``buf``, sample-major. Each chunk's best candidate replaces a sample's noise only when
     it is strictly better, so ties go to the lowest index, as ``argmin`` does, and nothing is drawn
-    twice. Returns ``noise [B, D]``, ``index [B]``, and squared distances and cosines ``[B, k]``.
+    twice. Returns ``noise [B, D]``, ``index [B]``, and squared distances and cosines ``[B, k]``
+    (cosines None when neither ``metric`` nor ``with_cosines`` asks for them).
     """
     batch, numel = x.shape
     samples, groups = _plan(k, rows_per_chunk(numel, chunk_bytes, k), group)
+    with_cosines = with_cosines or metric == "cosine"
     per_sample = min(k, groups * group)
     buf = torch.empty(min(batch, samples) * per_sample, numel, dtype=torch.float32, device=x.device)
-    dist, cos, x_sq = _outputs(x, k)
+    x_sq = torch.linalg.vector_norm(x, dim=1).square()
+    if samples >= batch and per_sample == k:  # one chunk holds every candidate: no running best
+        block = fill(buf, 0, batch, 0, groups).view(batch, k, numel)
+        dist, cos = _scores(x_sq, x, block, with_cosines)
+        index = torch.argmin(dist if metric == "l2" else cos.neg(), dim=1)
+        return block[torch.arange(batch, device=x.device), index], index, dist, cos
+    dist = torch.empty(batch, k, dtype=torch.float32, device=x.device)
+    cos = torch.empty_like(dist) if with_cosines else None
     noise = torch.empty_like(x)
     best = torch.full((batch,), float("inf"), device=x.device)
     index = torch.zeros(batch, dtype=torch.long, device=x.device)
@@ -77,11 +86,11 @@ def knn_select(x: torch.Tensor, k: int, fill: GroupFiller, group: int, metric: s
         for g0 in range(0, -(-k // group), groups):
             j0, j1 = g0 * group, min(k, (g0 + groups) * group)
             block = fill(buf[: (b1 - b0) * (j1 - j0)], b0, b1, g0, g0 + groups).view(b1 - b0, j1 - j0, numel)
-            n_sq = torch.linalg.vector_norm(block, dim=2).square()              # [nb, nj]
-            dots = torch.linalg.vecdot(block, x[b0:b1, None, :])               # [nb, nj]; bmm is 5x slower here
-            d, c = distance_and_cosine(x_sq[b0:b1, None], n_sq, dots)
-            dist[b0:b1, j0:j1], cos[b0:b1, j0:j1] = d, c
-            score = d if metric == "l2" else -c
+            d, c = _scores(x_sq[b0:b1], x[b0:b1], block, with_cosines)
+            dist[b0:b1, j0:j1] = d
+            if c is not None:
+                cos[b0:b1, j0:j1] = c
+            score = d if metric == "l2" else c.neg()
             arg = torch.argmin(score, dim=1)
             if j0 == 0 and j1 == k:  # the chunk holds these samples' every candidate: nothing to compare
                 noise[b0:b1] = block[torch.arange(b1 - b0, device=x.device), arg]
@@ -95,6 +104,27 @@ def knn_select(x: torch.Tensor, k: int, fill: GroupFiller, group: int, metric: s
                 best[b0 + rows] = low[rows]
                 index[b0 + rows] = j0 + arg[rows]
     return noise, index, dist, cos
+
+
+def _scores(x_sq: torch.Tensor, x: torch.Tensor, block: torch.Tensor, with_cosines: bool):
+    """Squared distances (and cosines) ``[nb, nj]`` of ``block [nb, nj, D]`` to ``x [nb, D]``."""
+    n_sq = torch.linalg.vector_norm(block, dim=2).square()                     # [nb, nj]
+    dots = _dots(block, x)                                                     # [nb, nj]
+    if with_cosines:
+        return distance_and_cosine(x_sq[:, None], n_sq, dots)
+    return (n_sq + x_sq[:, None]).sub_(dots, alpha=2.0).clamp_min_(0.0), None
+
+
+#: From this many elements per sample, dot products go through BLAS one sample at a time.
+MV_MIN_NUMEL = 4096
+
+
+def _dots(block: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x[b] . block[b, j]`` as ``[nb, nj]``. The method depends on D alone, never on the chunking,
+    so every chunking rounds each dot product the same way. (``bmm`` is 5x slower than either here.)"""
+    if block.shape[2] >= MV_MIN_NUMEL:
+        return torch.stack([torch.mv(block[i], x[i]) for i in range(block.shape[0])])
+    return torch.linalg.vecdot(block, x[:, None, :])
 
 
 def pool_distances(x: torch.Tensor, pool_size: int, fill: GroupFiller, group: int,

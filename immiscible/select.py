@@ -98,10 +98,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch" if backend in _disabled else backend
 
 
-def _select(backend, x, k, mode, metric, chunk_bytes):
-    """``noise, index, distances, cosines`` for fp32 ``x [B, D]``."""
+def _select(backend, x, k, mode, metric, chunk_bytes, with_cosines=True):
+    """``noise, index, distances, cosines`` for fp32 ``x [B, D]`` (knn cosines only when asked or needed)."""
     if mode == "knn":
-        return backend.knn(x, k, metric, chunk_bytes)
+        return backend.knn(x, k, metric, chunk_bytes, with_cosines)
     pool = k * x.shape[0]
     dist, cos = backend.pool_scores(x, pool, chunk_bytes)
     index = linear_assignment(dist if metric == "l2" else 1.0 - cos)
@@ -166,7 +166,7 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
         seed = draw_seed()
     x = latents.detach().reshape(latents.shape[0], -1).to(torch.float32).contiguous()
     try:
-        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes)
+        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes, return_info)
     except Exception as exc:  # a kernel that fails at run time must never end a training run
         if resolved == "torch":
             raise
@@ -174,7 +174,7 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
         logger.warning("immiscible: the %s backend failed (%s: %s); this process uses torch from now on "
                        "(immiscible.reset_fallback() tries it again)", resolved, type(exc).__name__, exc)
         resolved = "torch"
-        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes)
+        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes, return_info)
     noise = noise.reshape(latents.shape).to(latents.dtype)
     if not return_info:
         return noise

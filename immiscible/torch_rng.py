@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .seeding import derive_seeds
+from .seeding import derive_seed, derive_seeds
 
 #: ``stream`` values: per-sample KNN candidates, and the shared pool of ``mode="assign"``.
 KNN_STREAM = 0
@@ -41,16 +41,21 @@ def group_size(numel: int, count: int) -> int:
     return max(1, min(count, GROUP_ELEMENTS // numel))
 
 
-def group_seeds(seed: int, sample_ids, groups: int, stream: int) -> np.ndarray:
-    """``[len(sample_ids), groups]`` uint64 generator seeds, ``derive_seed(seed, id, g, stream)``."""
+def group_seeds(seed: int, sample_ids, g0: int, g1: int, stream: int) -> list[int]:
+    """Generator seeds ``derive_seed(seed, id, g, stream)`` for groups ``[g0, g1)`` of each id, id-major."""
+    if len(sample_ids) * (g1 - g0) <= 8:  # NumPy's per-call cost exceeds a few scalar mixes
+        return [derive_seed(seed, i, g, stream) for i in sample_ids for g in range(g0, g1)]
     ids = np.asarray(sample_ids, dtype=np.uint64)[:, None]
-    return derive_seeds(seed, ids, np.arange(groups, dtype=np.uint64)[None, :], stream)
+    return derive_seeds(seed, ids, np.arange(g0, g1, dtype=np.uint64)[None, :], stream).reshape(-1).tolist()
 
 
 def draw_groups(out: torch.Tensor, seeds, sizes) -> torch.Tensor:
     """Fill consecutive rows of fp32 ``out`` (``[sum(sizes), D]``) with one group per seed."""
     gen = _generator(out.device)
-    for s, rows in zip(seeds, out[: sum(sizes)].split(sizes)):  # views made in one call: small D is loop-bound
+    if len(seeds) == 1:
+        out[: sizes[0]].normal_(generator=gen.manual_seed(seeds[0]))
+        return out
+    for s, rows in zip(seeds, out[: sum(sizes)].split_with_sizes(sizes)):  # views in one call: small D is loop-bound
         gen.manual_seed(s)
         rows.normal_(generator=gen)
     return out
@@ -70,16 +75,14 @@ class CandidateLayout:
     def fill(self, out: torch.Tensor, sample_ids, g0: int, g1: int) -> torch.Tensor:
         """Rows of ``out`` := groups ``[g0, g1)`` of each sample in ``sample_ids``, sample-major."""
         g1 = min(g1, self.groups)
-        seeds = group_seeds(self.seed, sample_ids, self.groups, self.stream)[:, g0:g1]
         sizes = [self.size(g) for g in range(g0, g1)] * len(sample_ids)
-        return draw_groups(out, seeds.reshape(-1).tolist(), sizes)
+        return draw_groups(out, group_seeds(self.seed, sample_ids, g0, g1, self.stream), sizes)
 
     def fill_members(self, out: torch.Tensor, sample_ids, index) -> torch.Tensor:
         """Row ``r`` of ``out`` := candidate ``index[r]`` of sample ``sample_ids[r]`` (regeneration)."""
         scratch = torch.empty(self.group, self.numel, dtype=out.dtype, device=out.device)
         for r, (sid, j) in enumerate(zip(sample_ids, index)):
             g = j // self.group
-            seed = group_seeds(self.seed, [sid], g + 1, self.stream)[0, g]
-            draw_groups(scratch, [int(seed)], [self.size(g)])
+            draw_groups(scratch, group_seeds(self.seed, [sid], g, g + 1, self.stream), [self.size(g)])
             out[r] = scratch[j - g * self.group]
         return out
