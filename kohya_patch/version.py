@@ -8,10 +8,11 @@ only way to name the version in an error message. Imports nothing heavy.
 from __future__ import annotations
 
 import functools
-import hashlib
-import subprocess
 import sys
 from pathlib import Path
+
+from immiscible_host.version import fingerprint as host_fingerprint
+from immiscible_host.version import git_describe
 
 #: sha256 (first 16 hex digits) of library/*.py (names and contents, sorted, LF line ends) -> version.
 KNOWN = {
@@ -27,34 +28,16 @@ KNOWN = {
 
 def fingerprint(root: Path) -> str | None:
     """The first 16 hex digits of a sha256 over ``root/library/*.py`` (None when unreadable)."""
-    h = hashlib.sha256()
-    files = sorted((Path(root) / "library").glob("*.py"))
-    if not files:
-        return None
-    try:
-        for p in files:
-            h.update(p.name.encode() + b"\0" + p.read_bytes().replace(b"\r\n", b"\n") + b"\0")
-    except OSError:
-        return None
-    return h.hexdigest()[:16]
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
+    return host_fingerprint((p.name, p) for p in sorted((Path(root) / "library").glob("*.py")))
 
 
 @functools.lru_cache(maxsize=None)
 def describe(root: str | Path) -> str:
     """``"v0.9.1-566-g2e0fcc50 (commit 2e0fcc50…)"``, a known fingerprint's name, or ``"unknown"``."""
     root = Path(root)
-    head = _git(root, "rev-parse", "HEAD")
-    if head:
-        desc = _git(root, "describe", "--tags", "--always", "--dirty") or head[:8]
-        return f"{desc} (commit {head})"
+    described = git_describe(root)
+    if described:
+        return described
     fp = fingerprint(root)
     if fp in KNOWN:
         return f"{KNOWN[fp]}, identified by its library files (not a git checkout)"

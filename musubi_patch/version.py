@@ -5,15 +5,16 @@ versions it was tested on. Imports nothing heavy.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+from immiscible_host.version import fingerprint as host_fingerprint
+from immiscible_host.version import git_describe
+
 #: sha256 (first 16 hex digits) of the patched source files (see :data:`FILES`) -> version.
 KNOWN = {
-    "2fb2f458db284d19": "v0.3.4 (commit 30c658c4, main 2026-06-24)",
+    "fe14544d8b9c4f59": "v0.3.4 (commit 30c658c4, main 2026-06-24)",
 }
 #: The files under ``src/musubi_tuner`` that hold patch points (the fingerprint's input).
 FILES = ("training/trainer_base.py", "training/parser_common.py", "utils/sai_model_spec.py",
@@ -22,21 +23,7 @@ FILES = ("training/trainer_base.py", "training/parser_common.py", "utils/sai_mod
 
 def fingerprint(root: Path) -> str | None:
     """First 16 hex digits of a sha256 over :data:`FILES` under ``root/src/musubi_tuner`` (None if unreadable)."""
-    h = hashlib.sha256()
-    try:
-        for rel in FILES:
-            h.update(rel.encode() + b"\0" + (Path(root) / "src/musubi_tuner" / rel).read_bytes().replace(b"\r\n", b"\n"))
-    except OSError:
-        return None
-    return h.hexdigest()[:16]
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
+    return host_fingerprint((rel, Path(root) / "src/musubi_tuner" / rel) for rel in FILES)
 
 
 def pyproject_version(root: Path) -> str | None:
@@ -52,9 +39,9 @@ def pyproject_version(root: Path) -> str | None:
 def describe(root: str | Path) -> str:
     """``"v0.3.4-2-gabcdef12 (commit …)"``, ``"0.3.4, identified as v0.3.4 (commit 30c658c4 …)"`` or ``"unknown"``."""
     root = Path(root)
-    head = _git(root, "rev-parse", "HEAD")
-    if head:
-        return f"{_git(root, 'describe', '--tags', '--always', '--dirty') or head[:8]} (commit {head})"
+    described = git_describe(root)
+    if described:
+        return described
     declared = pyproject_version(root) or "no pyproject version"
     known = KNOWN.get(fingerprint(root))
     if known:

@@ -1,0 +1,41 @@
+"""Naming a host program's version for error messages: ``git describe`` in a git checkout, else a
+fingerprint of the files that hold the patch points, matched against the versions a pack was
+tested on. Imports nothing heavy.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+
+def git(root: Path, *args: str) -> str | None:
+    """``git -C root ARGS`` stdout, or None (not a checkout, no git, an error)."""
+    try:
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else None
+
+
+def git_describe(root: Path) -> str | None:
+    """``"v0.9.1-566-g2e0fcc50 (commit 2e0fcc50…)"`` in a git checkout, else None."""
+    head = git(root, "rev-parse", "HEAD")
+    if not head:
+        return None
+    return f"{git(root, 'describe', '--tags', '--always', '--dirty') or head[:8]} (commit {head})"
+
+
+def fingerprint(files) -> str | None:
+    """The first 16 hex digits of a sha256 over ``(name, path)`` pairs' names and contents (LF line
+    ends), None when there are none or one is unreadable."""
+    files = list(files)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    try:
+        for name, path in files:
+            h.update(name.encode() + b"\0" + Path(path).read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
