@@ -16,66 +16,22 @@ sd-scripts version) or ``BROKEN`` (why).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from immiscible_host import envinstall
 from immiscible_host.envinstall import other_hooks
 from immiscible_host.points import ABSENT, BROKEN, OK, SUPPORT, PointStatus, absent, broken, inspect_sources, ok
 
 from . import version
 from .points import NOT_IN_VERSION, POINTS
 
-PACK_DIR = Path(__file__).resolve().parent.parent
+PACK_DIR = envinstall.PACK_DIR
 DIST_NAME = "immiscible-diffusion"
 PTH_NAME = "immiscible_kohya_startup.pth"
 MARKER_NAME = "immiscible_kohya_install.json"
 PTH_LINE = ('import sys; exec("try:\\n    import kohya_patch.startup\\nexcept Exception:\\n    pass")  '
             '# immiscible-diffusion: sd-scripts start-up hook (remove with install.py --uninstall)\n')
-
-_PROBE = r"""
-import json, sys
-out = {"python": sys.executable, "version": sys.version.split()[0]}
-import sysconfig
-out["site_packages"] = sysconfig.get_paths()["purelib"]
-try:
-    import kohya_patch
-    out["kohya_patch"] = kohya_patch.__file__
-except Exception:
-    out["kohya_patch"] = None
-try:
-    import kohya_patch.hook as h
-    out["hook_active"] = h.installed()
-except Exception:
-    out["hook_active"] = False
-try:
-    import immiscible_host
-    out["immiscible_host"] = immiscible_host.__file__
-except Exception:
-    out["immiscible_host"] = None
-out["external"] = {}
-for name, module, attribute in json.loads(sys.argv[1]) if len(sys.argv) > 1 else []:
-    try:
-        import importlib
-        obj = importlib.import_module(module)
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-        out["external"][name] = None
-    except Exception as e:
-        out["external"][name] = f"{type(e).__name__}: {e}"
-try:
-    from importlib.metadata import version
-    out["dist"] = version("immiscible-diffusion")
-except Exception:
-    out["dist"] = None
-try:
-    import torch
-    out["torch"] = torch.__version__
-except Exception:
-    out["torch"] = None
-print("@@" + json.dumps(out))
-"""
-
 
 def _say(msg: str) -> None:
     print(f"[immiscible sd-scripts] {msg}")
@@ -87,16 +43,10 @@ def probe(python: str, external=()) -> dict:
     ``external``: patch points outside sd-scripts' tree (accelerate) to look up there; the
     answer's ``"external"`` maps each name to None (found) or why not.
     """
-    spec = json.dumps([(p.name, p.module, p.attribute) for p in external])
-    res = subprocess.run([python, "-c", _PROBE, spec], capture_output=True, text=True, cwd="/")
-    for line in res.stdout.splitlines():
-        if line.startswith("@@"):
-            return json.loads(line[2:])
-    raise RuntimeError(f"cannot run {python}: {res.stderr.strip()[-500:]}")
+    return envinstall.probe(python, "kohya_patch", external)
 
 
-def _from_this_pack(path: str | None) -> bool:
-    return bool(path) and Path(path).resolve().is_relative_to(PACK_DIR)
+_from_this_pack = envinstall.from_this_pack
 
 
 # --------------------------------------------------------------------------- sd-scripts inspection
@@ -180,9 +130,7 @@ def upstream_knn_noise(sd_scripts: Path) -> bool:
 
 
 def _pip(python: str, *args: str) -> int:
-    cmd = [python, "-m", "pip", "--disable-pip-version-check", *args]
-    _say("$ " + " ".join(cmd))
-    return subprocess.run(cmd).returncode
+    return envinstall.pip(python, _say, *args)
 
 
 def install_hook(sd_scripts: Path, python: str) -> int:
