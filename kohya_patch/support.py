@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from immiscible_host import guard, telemetry
+from immiscible_host import guard, telemetry, wrappers
 from immiscible_host.options import with_metadata
 from immiscible_host.patching import mark
 
@@ -26,24 +26,11 @@ from .version import running_root, running_version
 
 
 def wrap_add_training_arguments(original, point=None):
-    @functools.wraps(original)
-    def add_training_arguments(parser, *a, **kw):
-        out = original(parser, *a, **kw)
-        add_arguments(parser)
-        return out
-
-    return mark(add_training_arguments, original)
+    return wrappers.adding_options(original, add_arguments)
 
 
 def wrap_read_config_from_file(original, point=None):
-    @functools.wraps(original)
-    def read_config_from_file(args, parser, *a, **kw):
-        args = original(args, parser, *a, **kw)
-        if hasattr(args, "immiscible_k"):
-            preflight.start_up(args, parser)
-        return args
-
-    return mark(read_config_from_file, original)
+    return wrappers.starting_up_after_config(original, preflight.start_up)
 
 
 def wrap_verify_training_args(original, point=None):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from immiscible_host import guard, telemetry
+from immiscible_host import guard, telemetry, wrappers
 from immiscible_host.options import with_metadata
 from immiscible_host.patching import mark
 
@@ -26,34 +26,15 @@ from .version import running_version
 
 
 def wrap_add_training_args(original, point=None):
-    @functools.wraps(original)
-    def _add_training_args(parser, *a, **kw):
-        out = original(parser, *a, **kw)
-        add_arguments(parser)
-        return out
-
-    return mark(_add_training_args, original)
+    return wrappers.adding_options(original, add_arguments)
 
 
 def wrap_setup_parser(original, point=None):
-    @functools.wraps(original)
-    def setup_parser(*a, **kw):
-        parser = original(*a, **kw)
-        add_arguments(parser)
-        return parser
-
-    return mark(setup_parser, original)
+    return wrappers.adding_options_to_result(original, add_arguments)
 
 
 def wrap_read_config_from_file(original, point=None):
-    @functools.wraps(original)
-    def read_config_from_file(args, parser, *a, **kw):
-        args = original(args, parser, *a, **kw)
-        if hasattr(args, "immiscible_k"):
-            preflight.start_up(args, parser)
-        return args
-
-    return mark(read_config_from_file, original)
+    return wrappers.starting_up_after_config(original, preflight.start_up)
 
 
 def wrap_generate(original, point=None):
