@@ -11,35 +11,25 @@ from __future__ import annotations
 
 import importlib
 import os
-import runpy
 import sys
+
+from immiscible_host.run import run_as_main, run_script
 
 from . import hook, preflight
 
-USAGE = "usage: python -m musubi_patch.run SCRIPT.py [ARGS...]"
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__.strip(), file=sys.stderr)
-        return 0 if argv else 2
-    script = os.path.abspath(argv[0])
-    if not os.path.isfile(script):
-        print(f"musubi_patch.run: no such script: {argv[0]}\n{USAGE}", file=sys.stderr)
-        return 2
-    hook.install()
-    sys.argv = [script, *argv[1:]]
+def _run(script: str) -> None:
     folder, name = os.path.split(script)
     if os.path.basename(folder) == "musubi_tuner" and os.path.isfile(os.path.join(folder, "__init__.py")):
         sys.path.insert(0, os.path.dirname(folder))          # src/, as an installed musubi_tuner would be
         preflight.SCRIPT = name
-        module = importlib.import_module("musubi_tuner." + name[:-3])
-        module.main()
-        return 0
-    sys.path.insert(0, folder)  # what `python SCRIPT.py` does and runpy does not
-    runpy.run_path(script, run_name="__main__")
-    return 0
+        importlib.import_module("musubi_tuner." + name[:-3]).main()
+    else:
+        run_as_main(script)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script(argv, prog="musubi_patch.run", doc=__doc__, install_hook=hook.install, run=_run)
 
 
 if __name__ == "__main__":
