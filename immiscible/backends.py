@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import distance_and_cosine, knn_select, pool_distances
+from .scoring import Scored, distance_and_cosine, knn_select, pool_distances
 from .seeding import derive_seed
 from .torch_rng import KNN_STREAM, POOL_STREAM, CandidateLayout
 
@@ -24,16 +24,16 @@ class TorchBackend:
     def _layout(self, numel, count, stream):
         return CandidateLayout(self.seed, numel, count, stream)
 
-    def knn(self, x, k, metric, chunk_bytes, with_cosines=True):
-        """``noise [B, D], index [B], dist [B, k], cos [B, k]`` (cos may be None without ``with_cosines``)."""
+    def knn(self, x, k, metric, chunk_bytes, with_cosines=True, project=None) -> Scored:
+        """Each sample's nearest of ``k`` (ranked after ``project`` when given), with every score."""
         layout = self._layout(x.shape[1], k, KNN_STREAM)
         fill = lambda buf, b0, b1, g0, g1: layout.fill(buf, self.ids[b0:b1], g0, g1)  # noqa: E731
-        return knn_select(x, k, fill, layout.group, metric, chunk_bytes, with_cosines)
+        return knn_select(x, k, fill, layout.group, metric, chunk_bytes, with_cosines, project)
 
-    def pool_scores(self, x, pool_size, chunk_bytes):
+    def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
         layout = self._layout(x.shape[1], pool_size, POOL_STREAM)
         fill = lambda buf, b0, b1, g0, g1: layout.fill(buf, [0], g0, g1)  # noqa: E731
-        return pool_distances(x, pool_size, fill, layout.group, chunk_bytes)
+        return pool_distances(x, pool_size, fill, layout.group, chunk_bytes, project)
 
     def pool_members(self, out, pool_size, index):
         return self._layout(out.shape[1], pool_size, POOL_STREAM).fill_members(out, [0] * len(index), index)
@@ -63,7 +63,22 @@ class TritonBackend:
         return write_candidates(out, self.seed, torch.as_tensor(sample, dtype=torch.int64),
                                 torch.as_tensor(index, dtype=torch.int64), stream)
 
-    def knn(self, x, k, metric, chunk_bytes, with_cosines=True):
+    def knn(self, x, k, metric, chunk_bytes, with_cosines=True, project=None) -> Scored:
+        """The fused kernel: Philox candidates scored in registers, never written to memory.
+
+        With ``project`` (coarse selection) the same Philox candidates are written a chunk at a
+        time and ranked by the torch scorer instead: pooling needs each candidate's elements
+        grouped by output cell, which the kernel's flat element-parallel reduction does not have.
+        Memory stays flat in ``k`` (one chunk), the candidates and so the choice set are the
+        kernel's own, and the backend reported is still ``"triton"``.
+        """
+        if project is not None:
+            def fill(buf, b0, b1, g0, g1):  # groups of one candidate: group g is candidate g
+                g1 = min(g1, k)
+                ids = [i for i in self.ids[b0:b1] for _ in range(g1 - g0)]
+                return self._write(buf[: len(ids)], ids, list(range(g0, g1)) * (b1 - b0), KNN_STREAM)
+
+            return knn_select(x, k, fill, 1, metric, chunk_bytes, with_cosines, project)
         from .kernels.philox_knn import knn_partial_scores
 
         ids = torch.tensor(self.ids, dtype=torch.int64, device=x.device)
@@ -71,14 +86,14 @@ class TritonBackend:
         dist, cos = distance_and_cosine(torch.linalg.vector_norm(x, dim=1).square()[:, None], nn, xn)
         index = torch.argmin(dist if metric == "l2" else -cos, dim=1)
         noise = self._write(torch.empty_like(x), self.ids, index.tolist(), KNN_STREAM)
-        return noise, index, dist, cos
+        return Scored(noise, index, dist, cos)
 
-    def pool_scores(self, x, pool_size, chunk_bytes):
+    def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
         def fill(buf, b0, b1, g0, g1):  # groups of one candidate: group g is pool member g
             g1 = min(g1, pool_size)
-            return self._write(buf, [0] * (g1 - g0), list(range(g0, g1)), POOL_STREAM)
+            return self._write(buf[: g1 - g0], [0] * (g1 - g0), list(range(g0, g1)), POOL_STREAM)
 
-        return pool_distances(x, pool_size, fill, 1, chunk_bytes)
+        return pool_distances(x, pool_size, fill, 1, chunk_bytes, project)
 
     def pool_members(self, out, pool_size, index):
         return self._write(out, [0] * len(index), list(index), POOL_STREAM)

@@ -21,6 +21,9 @@ K_MIN = 1
 #: Largest accepted ``k``. Beyond this the selection costs minutes per step and the
 #: effect has long saturated (the reduction grows like sqrt(2 log k)).
 K_MAX = 65536
+#: Largest accepted ``coarse`` pooled size, for inputs that need a static bound (a command line,
+#: a node). The real bound is the latent's shorter spatial side, checked when latents arrive.
+COARSE_MAX = 1024
 #: Largest sample id (``sample_ids``): the Philox counter holds it in one 32-bit word.
 SAMPLE_ID_MAX = 2**32 - 1
 #: Largest accepted assignment cost matrix, ``B * (k * B)`` entries (1 GiB in float64).
@@ -124,3 +127,30 @@ def check_assign_size(batch: int, k: int) -> None:
         raise ValueError(
             f"mode='assign' with batch size {batch} and k={k} needs a {batch}x{batch * k} cost matrix; "
             f"batch**2 * k must be at most {MAX_ASSIGN_COST_ENTRIES} (use a smaller k or mode='knn')")
+
+
+def check_coarse(coarse, shape, name: str = "coarse") -> int | None:
+    """``None`` (off) or the pooled size ``N`` for latents of ``shape`` ``[B, ..., H, W]``.
+
+    ``None`` and ``0`` are off (0 is how a command line or a node says it). ``N`` must be in
+    ``[1, min(H, W)]``: pooling to ``N x N`` over the last two (spatial) dimensions needs two of
+    them, each at least ``N`` long.
+    """
+    if coarse is None:
+        return None
+    if isinstance(coarse, bool) or not isinstance(coarse, numbers.Integral):
+        raise TypeError(f"{name} must be 0 (off) or an integer N >= 1 (pool to N x N), "
+                        f"got {coarse!r} ({type(coarse).__name__})")
+    coarse = int(coarse)
+    if coarse == 0:
+        return None
+    if not 0 < coarse <= COARSE_MAX:
+        raise ValueError(f"{name} must be 0 (off) or an integer N in [1, {COARSE_MAX}] (pool to N x N), got {coarse}")
+    if len(shape) < 3:
+        raise ValueError(f"{name}={coarse} needs latents with two spatial dimensions, shape [B, ..., H, W]; "
+                         f"got shape {tuple(shape)}")
+    side = min(shape[-2], shape[-1])
+    if coarse > side:
+        raise ValueError(f"{name} must be in [0, {side}] for latents of shape {tuple(shape)} "
+                         f"(0 = off; N x N pooling of an {shape[-2]} x {shape[-1]} latent), got {coarse}")
+    return coarse

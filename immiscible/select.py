@@ -15,6 +15,7 @@ import torch
 from . import checks
 from .assign import linear_assignment
 from .backends import BACKENDS
+from .coarse import pooling
 from .seeding import draw_seed
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class SelectionInfo:
     candidate and the latent. ``distances`` and ``cosines`` hold every candidate's score
     (``[B, k]`` for knn, ``[B, k * B]`` against the whole pool for assign), so callers that show
     statistics never recompute them.
+
+    With ``coarse=N`` the ``coarse_*`` fields hold the same statistics in the pooled space the
+    candidates were ranked in (latent and candidates average-pooled to ``N x N``); they are None
+    without it.
     """
 
     index: torch.Tensor          # [B] long: the chosen candidate (knn) or pool member (assign)
@@ -42,6 +47,12 @@ class SelectionInfo:
     distances: torch.Tensor | None = None  # [B, C] squared distance to every candidate
     cosines: torch.Tensor | None = None    # [B, C] cosine to every candidate
     sample_ids: list[int] | None = None    # the ids the candidates were keyed by
+    coarse: int | None = None                      # N of N x N pooling, or None (off)
+    coarse_distance: torch.Tensor | None = None      # [B] pooled squared distance to the chosen noise
+    coarse_mean_distance: torch.Tensor | None = None  # [B] its mean over the sample's candidates
+    coarse_cosine: torch.Tensor | None = None        # [B] cosine(pooled chosen noise, pooled latent)
+    coarse_distances: torch.Tensor | None = None     # [B, C] pooled squared distance to every candidate
+    coarse_cosines: torch.Tensor | None = None       # [B, C] pooled cosine to every candidate
 
     @property
     def reduction_per_sample(self) -> torch.Tensor:
@@ -51,6 +62,18 @@ class SelectionInfo:
     def reduction(self) -> float:
         """``1 - distance / mean_distance``, averaged over the batch."""
         return float(self.reduction_per_sample.mean())
+
+    @property
+    def coarse_reduction_per_sample(self) -> torch.Tensor | None:
+        if self.coarse_distance is None:
+            return None
+        return 1.0 - self.coarse_distance / self.coarse_mean_distance.clamp_min(1e-30)
+
+    @property
+    def coarse_reduction(self) -> float | None:
+        """The pooled-space ``1 - distance / mean_distance``, averaged over the batch (None without coarse)."""
+        per_sample = self.coarse_reduction_per_sample
+        return None if per_sample is None else float(per_sample.mean())
 
 
 # --------------------------------------------------------------------------- backends
@@ -98,22 +121,34 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch" if backend in _disabled else backend
 
 
-def _select(backend, x, k, mode, metric, chunk_bytes, with_cosines=True):
-    """``noise, index, distances, cosines`` for fp32 ``x [B, D]`` (knn cosines only when asked or needed)."""
+def _select(backend, x, k, mode, metric, chunk_bytes, with_cosines=True, project=None):
+    """A ``scoring.Scored`` for fp32 ``x [B, D]`` (knn cosines only when asked or needed)."""
     if mode == "knn":
-        return backend.knn(x, k, metric, chunk_bytes, with_cosines)
+        return backend.knn(x, k, metric, chunk_bytes, with_cosines, project)
     pool = k * x.shape[0]
-    dist, cos = backend.pool_scores(x, pool, chunk_bytes)
-    index = linear_assignment(dist if metric == "l2" else 1.0 - cos)
+    scored = backend.pool_scores(x, pool, chunk_bytes, project)
+    index = linear_assignment(scored.ranking(metric) + (1.0 if metric == "cosine" else 0.0))
     noise = backend.pool_members(torch.empty_like(x), pool, index.tolist())
-    return noise, index, dist, cos
+    return scored._replace(noise=noise, index=index)
+
+
+def _info(scored, seed, k, mode, metric, backend, ids, coarse) -> SelectionInfo:
+    pick = scored.index[:, None]
+    chosen = lambda scores: scores.gather(1, pick)[:, 0]  # noqa: E731
+    info = SelectionInfo(scored.index, chosen(scored.dist), scored.dist.mean(1), chosen(scored.cos), seed, k, mode,
+                         metric, backend, scored.dist, scored.cos, ids)
+    if coarse is not None:
+        info.coarse, info.coarse_distances, info.coarse_cosines = coarse, scored.coarse_dist, scored.coarse_cos
+        info.coarse_distance, info.coarse_cosine = chosen(scored.coarse_dist), chosen(scored.coarse_cos)
+        info.coarse_mean_distance = scored.coarse_dist.mean(1)
+    return info
 
 
 # --------------------------------------------------------------------------- public API
 
 
 def _check_common(latents, k, seed, mode, metric, sample_ids):
-    checks.check_latents(latents)
+    checks.check_latents(latents)  # first: the other checks read its shape
     k = checks.check_k(k)
     checks.check_mode(mode)
     checks.check_metric(metric)
@@ -126,7 +161,7 @@ def _check_common(latents, k, seed, mode, metric, sample_ids):
 
 def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode: str = "knn",
                  metric: str = "l2", backend: str = "auto", return_info: bool = False,
-                 chunk_bytes: int | None = None, sample_ids=None):
+                 chunk_bytes: int | None = None, sample_ids=None, coarse: int | None = None):
     """Gaussian noise paired with ``latents`` (shape ``[B, ...]``): nearest of ``k`` candidates.
 
     Parameters
@@ -154,6 +189,12 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
         One id in [0, 2**32) per sample; a knn sample's candidates are keyed by its id, so the
         same (seed, id, latent) gives the same noise at any batch position or batch size.
         Default: the batch positions ``0..B-1``. The assign pool is shared and ignores them.
+    coarse : int, optional
+        Coarse selection: rank candidates by ``metric`` after latent and candidates are
+        average-pooled to ``coarse x coarse`` over the last two (spatial) dimensions
+        (``adaptive_avg_pool2d`` semantics, so H and W need not divide by it), and return the
+        full-resolution candidate. Needs latents ``[B, ..., H, W]`` and ``1 <= coarse <= min(H, W)``;
+        ``None`` or 0 is off. The candidates are the same as without it.
 
     Returns
     -------
@@ -161,12 +202,15 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
     info : SelectionInfo, only with ``return_info=True``
     """
     k, seed, ids = _check_common(latents, k, seed, mode, metric, sample_ids)
+    coarse = checks.check_coarse(coarse, latents.shape)
+    project = pooling(latents.shape[1:], coarse)
     resolved = resolve_backend(backend, latents.device)
     if seed is None:
         seed = draw_seed()
     x = latents.detach().reshape(latents.shape[0], -1).to(torch.float32).contiguous()
+    run = lambda name: _select(BACKENDS[name](seed, ids), x, k, mode, metric, chunk_bytes, return_info, project)  # noqa: E731
     try:
-        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes, return_info)
+        scored = run(resolved)
     except Exception as exc:  # a kernel that fails at run time must never end a training run
         if resolved == "torch":
             raise
@@ -174,13 +218,11 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
         logger.warning("immiscible: the %s backend failed (%s: %s); this process uses torch from now on "
                        "(immiscible.reset_fallback() tries it again)", resolved, type(exc).__name__, exc)
         resolved = "torch"
-        noise, index, dist, cos = _select(BACKENDS[resolved](seed, ids), x, k, mode, metric, chunk_bytes, return_info)
-    noise = noise.reshape(latents.shape).to(latents.dtype)
+        scored = run(resolved)
+    noise = scored.noise.reshape(latents.shape).to(latents.dtype)
     if not return_info:
         return noise
-    pick = index[:, None]
-    return noise, SelectionInfo(index, dist.gather(1, pick)[:, 0], dist.mean(1), cos.gather(1, pick)[:, 0],
-                                seed, k, mode, metric, resolved, dist, cos, ids)
+    return noise, _info(scored, seed, k, mode, metric, resolved, ids, coarse)
 
 
 def candidates(latents: torch.Tensor, k: int, *, seed: int, mode: str = "knn",
