@@ -47,6 +47,13 @@ def _metric_input():
                              "candidate, keeping the noise norm exactly Gaussian.")
 
 
+def _coarse_input():
+    return _advanced(io.Int.Input, "coarse", default=0, min=0, max=immiscible.COARSE_MAX,
+                     tooltip="Coarse selection: rank the candidates by their distance to the latent after both "
+                             "are average-pooled to N x N, so only the layout (low frequencies) is aligned and the "
+                             "fine detail stays ordinary noise. 0 = off. At most the latent's shorter side.")
+
+
 def _model_input():
     return io.Model.Input("model", optional=True,
                           tooltip="Optional: the model whose latent format (process_in) defines the space where "
@@ -71,13 +78,15 @@ class ImmiscibleNoise(io.ComfyNode):
             description="Noise for SamplerCustomAdvanced that is picked, per sample, as the nearest of k Gaussian "
                         "candidates to the input latent (in model space). An all-zero latent gets plain noise, "
                         "identical to RandomNoise with the same seed.",
-            inputs=[_seed_input(), _k_input(64), _mode_input(), _metric_input(), _model_input(), _format_input()],
+            # coarse last: saved workflows fill widgets by position, so older ones keep their values
+            inputs=[_seed_input(), _k_input(64), _mode_input(), _metric_input(), _model_input(), _format_input(),
+                    _coarse_input()],
             outputs=[io.Noise.Output(tooltip="Connect to SamplerCustomAdvanced's noise input.")],
         )
 
     @classmethod
-    def execute(cls, seed, k, mode="knn", metric="l2", model=None, latent_format="auto") -> io.NodeOutput:
-        return io.NodeOutput(Noise_Immiscible(seed, k, mode, metric, model, latent_format))
+    def execute(cls, seed, k, mode="knn", metric="l2", model=None, latent_format="auto", coarse=0) -> io.NodeOutput:
+        return io.NodeOutput(Noise_Immiscible(seed, k, mode, metric, model, latent_format, coarse))
 
 
 class ImmiscibleNoisePreview(io.ComfyNode):
@@ -105,6 +114,7 @@ class ImmiscibleNoisePreview(io.ComfyNode):
                                        "x + sigma*noise with sigma at timestep t*999."),
                 _model_input(),
                 _format_input(),
+                _coarse_input(),  # last: older saved workflows keep their widget values
             ],
             outputs=[
                 io.Image.Output("sheet", tooltip="The preview sheet (connect to Preview Image or Save Image)."),
@@ -118,8 +128,8 @@ class ImmiscibleNoisePreview(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, latent, k, mode, metric, seed, t, model=None, latent_format="auto") -> io.NodeOutput:
-        result = preview(latent, k, mode, metric, seed, t, model, latent_format)
+    def execute(cls, latent, k, mode, metric, seed, t, model=None, latent_format="auto", coarse=0) -> io.NodeOutput:
+        result = preview(latent, k, mode, metric, seed, t, model, latent_format, coarse=coarse)
         sheet = torch.from_numpy(result.sheet).float().div_(255.0).unsqueeze(0)
         outs = []
         for name in ("assigned_noise", "random_noise", "noisy_assigned", "noisy_random"):

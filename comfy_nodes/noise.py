@@ -152,11 +152,12 @@ def latent_space(samples: torch.Tensor, model=None, latent_format: str = "auto")
 # --------------------------------------------------------------------------- noise
 
 
-def check_settings(seed, k, mode, metric) -> tuple[int, int, str, str]:
-    """The node settings, checked with the core's vocabulary."""
+def check_settings(seed, k, mode, metric, coarse=0) -> tuple[int, int, str, str, int]:
+    """The node settings, checked with the core's vocabulary (``coarse`` against a latent later)."""
     if immiscible.check_seed(seed) is None:
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}]")
-    return int(seed), immiscible.check_k(k), immiscible.check_mode(mode), immiscible.check_metric(metric)
+    coarse = immiscible.check_int("coarse", coarse, 0, immiscible.COARSE_MAX, " (0 = off; N pools to N x N)")
+    return int(seed), immiscible.check_k(k), immiscible.check_mode(mode), immiscible.check_metric(metric), coarse
 
 
 def check_latent(latent) -> torch.Tensor:
@@ -206,13 +207,18 @@ def comfy_random_noise(samples: torch.Tensor, seed: int, batch_index=None) -> to
     return torch.cat([draws[int(unique[j])] for j in np.asarray(inverse).reshape(-1)], 0)
 
 
-def select(x: torch.Tensor, k: int, seed: int, mode: str, metric: str, indices: list[int]):
-    """One selection against model-space ``x`` keyed by batch index; returns ``(noise, SelectionInfo)``."""
+def select(x: torch.Tensor, k: int, seed: int, mode: str, metric: str, indices: list[int], coarse: int = 0):
+    """One selection against model-space ``x`` keyed by batch index; returns ``(noise, SelectionInfo)``.
+
+    ``coarse`` (0 = off) ranks by the ``coarse x coarse`` average-pooled layout; a latent smaller
+    than that is refused with the node input's name.
+    """
+    coarse = immiscible.check_coarse(coarse, x.shape)
     if mode == "knn":
         return immiscible.select_noise(x, k, seed=seed, mode="knn", metric=metric, backend="torch",
-                                       sample_ids=indices, return_info=True)
+                                       sample_ids=indices, return_info=True, coarse=coarse)
     return immiscible.select_noise(x, k, seed=derive_seed(seed, *indices), mode=mode, metric=metric,
-                                   backend="torch", return_info=True)
+                                   backend="torch", return_info=True, coarse=coarse)
 
 
 _logged_zero = False
@@ -233,8 +239,8 @@ class Noise_Immiscible:
     """
 
     def __init__(self, seed: int, k: int, mode: str = "knn", metric: str = "l2", model=None,
-                 latent_format: str = "auto"):
-        self.seed, self.k, self.mode, self.metric = check_settings(seed, k, mode, metric)
+                 latent_format: str = "auto", coarse: int = 0):
+        self.seed, self.k, self.mode, self.metric, self.coarse = check_settings(seed, k, mode, metric, coarse)
         self.model, self.latent_format = model, latent_format
         self.last_info = None
 
@@ -246,7 +252,7 @@ class Noise_Immiscible:
             return comfy_random_noise(samples, self.seed, input_latent.get("batch_index"))
         space = latent_space(samples, self.model, self.latent_format)
         x = space.to_model(samples.detach().to("cpu", torch.float32))
-        noise, self.last_info = select(x, self.k, self.seed, self.mode, self.metric, indices)
+        noise, self.last_info = select(x, self.k, self.seed, self.mode, self.metric, indices, self.coarse)
         return noise.to(dtype=samples.dtype, device="cpu")
 
 
@@ -269,17 +275,20 @@ def check_t(t) -> float:
 
 
 def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, model=None,
-            latent_format: str = "auto", max_rows: int = 4) -> PreviewResult:
+            latent_format: str = "auto", max_rows: int = 4, coarse: int = 0) -> PreviewResult:
     """Everything the Immiscible Noise Preview node outputs."""
     t = check_t(t)
     samples = check_latent(latent)
-    seed, k, mode, metric = check_settings(seed, k, mode, metric)
+    seed, k, mode, metric, coarse = check_settings(seed, k, mode, metric, coarse)
     indices = batch_indices(latent, samples.shape[0])
     space = latent_space(samples, model, latent_format)
     x = space.to_model(samples.detach().to("cpu", torch.float32))
     random_noise = comfy_random_noise(samples, seed, latent.get("batch_index")).float()
     settings = {"k": k, "mode": mode, "metric": metric, "seed": seed, "format": space.name,
                 "mixing": "flow" if space.flow else "eps", "sigma": f"{space.sigma(t):.3g}"}
+    if coarse:
+        settings["coarse"] = f"{coarse}x{coarse}"
+    pooled = None
     if torch.count_nonzero(samples) == 0:
         # Nothing to align to: the one "candidate" is the random noise itself.
         _log_zero_once()
@@ -289,13 +298,15 @@ def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, m
         chosen = torch.zeros(x.shape[0], dtype=torch.long)
         settings["note"] = "all-zero latent: plain noise"
     else:
-        assigned, info = select(x, k, seed, mode, metric, indices)
+        assigned, info = select(x, k, seed, mode, metric, indices, coarse)
         distances, cosines, chosen = info.distances, info.cosines, info.index
+        if info.coarse is not None:
+            pooled = viz.PooledScores(info.coarse, info.coarse_distances, info.coarse_cosines)
     noisy_random, noisy_assigned = space.mix(x, random_noise, t), space.mix(x, assigned, t)
     data = viz.PreviewData(x, random_noise, assigned, noisy_random, noisy_assigned, distances, cosines, chosen, t,
                            settings, getattr(space.format, "latent_rgb_factors", None),
                            getattr(space.format, "latent_rgb_factors_bias", None),
-                           1.0 if space.flow else 1.0 / (1.0 + space.sigma(t) ** 2) ** 0.5)
+                           1.0 if space.flow else 1.0 / (1.0 + space.sigma(t) ** 2) ** 0.5, pooled)
     stats = viz.preview_stats(data)
     dtype = samples.dtype
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import immiscible
+
 __all__ = ["latent_to_rgb", "noise_moments", "noise_stats", "pairing_projection", "count_crossings", "figure_to_rgb",
-           "PreviewData", "PreviewStats", "preview_stats", "stats_rows", "format_stats", "render_preview_sheet"]
+           "PreviewData", "PooledScores", "PreviewStats", "preview_stats", "stats_rows", "format_stats", "render_preview_sheet"]
 
 #: Colours of the two pairings, used in every panel.
 RANDOM_COLOR = "#d62728"
@@ -162,6 +164,15 @@ def figure_to_rgb(fig) -> np.ndarray:
 
 
 @dataclass
+class PooledScores:
+    """Coarse selection's candidate scores in the pooled space (``SelectionInfo.coarse_*``), ``[B, M]``."""
+
+    size: int                  # N of N x N average pooling
+    distances: torch.Tensor    # squared distance from each pooled latent to each pooled candidate
+    cosines: torch.Tensor      # their cosines
+
+
+@dataclass
 class PreviewData:
     """Everything the preview sheet shows; tensors in model space, ``[B, ...]``.
 
@@ -186,20 +197,26 @@ class PreviewData:
     #: the noised latents are drawn times this (``1/sqrt(1+sigma^2)`` for ``x + sigma*noise``, the
     #: model's input scaling), so they stay in the RGB range; 1 for flow models.
     noisy_display_scale: float = 1.0
+    #: coarse selection's pooled-space scores; None when it was off
+    pooled: PooledScores | None = None
 
 
 @dataclass
 class PreviewStats:
     """Per-sample statistics (numpy ``[B]``) of both noises, computed once by :func:`preview_stats`.
 
-    ``random`` and ``assigned`` map ``distance``, ``cosine``, ``mean`` and ``std`` to arrays;
-    ``candidate_mean`` is each sample's mean squared distance over its candidates.
+    ``random`` and ``assigned`` map ``distance``, ``cosine``, ``mean`` and ``std`` to arrays (and
+    ``coarse_distance``, ``coarse_cosine`` in the pooled space with coarse selection);
+    ``candidate_mean`` is each sample's mean squared distance over its candidates
+    (``coarse_candidate_mean`` the same, pooled).
     """
 
     random: dict[str, np.ndarray]
     assigned: dict[str, np.ndarray]
     candidate_mean: np.ndarray
     elements: int
+    coarse: int | None = None
+    coarse_candidate_mean: np.ndarray | None = None
 
 
 def preview_stats(data: PreviewData) -> PreviewStats:
@@ -210,8 +227,18 @@ def preview_stats(data: PreviewData) -> PreviewStats:
     assigned = {"distance": dist.gather(1, pick)[:, 0].numpy(),
                 "cosine": data.candidate_cosines.detach().to("cpu", torch.float32).gather(1, pick)[:, 0].numpy(),
                 **noise_moments(data.assigned_noise)}
-    return PreviewStats(noise_stats(data.latents, data.random_noise), assigned,
-                        dist.to(torch.float64).mean(1).numpy(), data.latents[0].numel())
+    random = noise_stats(data.latents, data.random_noise)
+    stats = PreviewStats(random, assigned, dist.to(torch.float64).mean(1).numpy(), data.latents[0].numel())
+    if data.pooled is not None:
+        size = data.pooled.size
+        pooled_random = noise_stats(immiscible.coarse_pool(data.latents, size),
+                                    immiscible.coarse_pool(data.random_noise, size))
+        random["coarse_distance"], random["coarse_cosine"] = pooled_random["distance"], pooled_random["cosine"]
+        pdist = data.pooled.distances.detach().to("cpu", torch.float32)
+        assigned["coarse_distance"] = pdist.gather(1, pick)[:, 0].numpy()
+        assigned["coarse_cosine"] = data.pooled.cosines.detach().to("cpu", torch.float32).gather(1, pick)[:, 0].numpy()
+        stats.coarse, stats.coarse_candidate_mean = size, pdist.to(torch.float64).mean(1).numpy()
+    return stats
 
 
 def stats_rows(stats: PreviewStats) -> list[dict]:
@@ -229,6 +256,10 @@ def stats_rows(stats: PreviewStats) -> list[dict]:
             "mean": float(np.mean(st["mean"])),
             "std": float(np.mean(st["std"])),
         })
+        if stats.coarse is not None:
+            pooled_mean = np.maximum(stats.coarse_candidate_mean, 1e-30)
+            rows[-1]["coarse_cosine"] = float(np.mean(st["coarse_cosine"]))
+            rows[-1]["coarse_reduction_vs_candidates"] = float(np.mean(1.0 - st["coarse_distance"] / pooled_mean)) * 100
     return rows
 
 
@@ -239,11 +270,18 @@ def format_stats(data: PreviewData, stats: PreviewStats) -> str:
     lines = [f"immiscible preview: {head}" if head else "immiscible preview",
              f"latent shape {tuple(data.latents.shape)}, {stats.elements} elements/sample, t={data.t:g}",
              f"{'noise':<9}{'dist/elem':>10}{'red. vs cand %':>16}{'red. vs random %':>18}{'cosine':>9}"
-             f"{'mean':>9}{'std':>8}"]
+             f"{'mean':>9}{'std':>8}" + (_pooled_head(stats.coarse) if stats.coarse else "")]
     for r in stats_rows(stats):
         lines.append(f"{r['noise']:<9}{r['distance']:>10.4f}{r['reduction_vs_candidates']:>16.3f}"
-                     f"{r['reduction_vs_random']:>18.3f}{r['cosine']:>9.4f}{r['mean']:>9.4f}{r['std']:>8.4f}")
+                     f"{r['reduction_vs_random']:>18.3f}{r['cosine']:>9.4f}{r['mean']:>9.4f}{r['std']:>8.4f}"
+                     + (f"{r['coarse_cosine']:>14.4f}{r['coarse_reduction_vs_candidates']:>18.3f}"
+                        if stats.coarse else ""))
     return "\n".join(lines)
+
+
+def _pooled_head(n: int) -> str:
+    """The text table's pooled-space column titles (coarse selection)."""
+    return f"{f'cos {n}x{n}':>14}{f'red. {n}x{n} %':>18}"
 
 
 def _image_rows(fig, grid, data: PreviewData, rows: int):
@@ -326,6 +364,10 @@ def _table_panel(ax, data: PreviewData, stats: PreviewStats, crossings):
               "cosine(noise, latent)", "noise mean", "noise std", "pairing-plot crossings"]
     keys = [("distance", "{:.4f}"), ("reduction_vs_candidates", "{:+.3f}"), ("reduction_vs_random", "{:+.3f}"),
             ("cosine", "{:+.4f}"), ("mean", "{:+.4f}"), ("std", "{:.4f}")]
+    if stats.coarse:
+        n = stats.coarse
+        labels[-1:-1] = [f"cosine, pooled {n}x{n}", f"reduction vs cand. mean, pooled {n}x{n} %"]
+        keys += [("coarse_cosine", "{:+.4f}"), ("coarse_reduction_vs_candidates", "{:+.3f}")]
     cells = [[fmt.format(rnd[key]), fmt.format(asg[key])] for key, fmt in keys]
     cells.append([str(crossings[0]), str(crossings[1])])
     table = ax.table(cellText=cells, rowLabels=labels, colLabels=["random", "assigned"], loc="upper right",

@@ -37,3 +37,10 @@ def pooling(sample_shape, size: int | None) -> Projection | None:
         return None
     shape = tuple(sample_shape)
     return lambda flat: pooled(flat, shape, size)
+
+
+def coarse_pool(latents: torch.Tensor, size: int) -> torch.Tensor:
+    """``latents [B, ..., H, W]`` average-pooled to ``size x size`` as fp32 ``[B, P]``: the space that
+    ``select_noise(..., coarse=size)`` ranks in (for statistics of other noise in that space)."""
+    flat = latents.detach().reshape(latents.shape[0], -1).to(torch.float32)
+    return pooled(flat, latents.shape[1:], size)

@@ -18,6 +18,7 @@ DEFAULTS = {
     "immiscible_mode": "knn",
     "immiscible_metric": "l2",
     "immiscible_backend": "auto",
+    "immiscible_coarse": 0,
     "immiscible_validation": False,
 }
 #: Metadata keys written into saved models (kohya's ``ss_*`` convention).
@@ -36,6 +37,11 @@ METRIC_HELP = (
 BACKEND_HELP = (
     "auto: fused Triton kernel on CUDA when triton is installed, else torch (recommended); torch; triton "
     "/ auto：CUDAでtritonが使える場合はTritonカーネル、それ以外はtorch（推奨）。torch、triton")
+COARSE_HELP = (
+    "coarse selection: rank the candidates by their distance to the latent after both are average-pooled to "
+    "N x N (the layout only), and keep the full-resolution candidate; 0 = off (default); at most the latent's "
+    "shorter side / 粗い選択：潜在と候補をN×Nに平均プーリングした距離（構図のみ）で候補を選び、元の解像度の候補を"
+    "使う。0でオフ（デフォルト）。潜在の短辺以下")
 VALIDATION_HELP = (
     "also select the noise of validation passes (default: validation noise stays stock, so validation losses "
     "stay comparable across runs) / 検証時のノイズにも選択を適用する（デフォルトでは検証ノイズは通常のまま"
@@ -48,6 +54,7 @@ class Settings:
     mode: str = "knn"
     metric: str = "l2"
     backend: str = "auto"
+    coarse: int = 0
     validation: bool = False
 
     @property
@@ -62,6 +69,7 @@ class Settings:
             METADATA_PREFIX + "k": str(self.k),
             METADATA_PREFIX + "mode": self.mode,
             METADATA_PREFIX + "metric": self.metric,
+            METADATA_PREFIX + "coarse": str(self.coarse),
             METADATA_PREFIX + "validation": str(self.validation),
         }
 
@@ -85,6 +93,8 @@ def add_immiscible_arguments(parser: argparse.ArgumentParser, k_help: str, valid
                         choices=immiscible.METRICS, help=METRIC_HELP)
     parser.add_argument("--immiscible_backend", type=str, default=DEFAULTS["immiscible_backend"],
                         choices=immiscible.BACKENDS, help=BACKEND_HELP)
+    parser.add_argument("--immiscible_coarse", type=int, default=DEFAULTS["immiscible_coarse"], metavar="N",
+                        help=COARSE_HELP)
     if validation:
         parser.add_argument("--immiscible_validation", action="store_true", help=VALIDATION_HELP)
 
@@ -100,6 +110,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         mode=immiscible.check_mode(get("immiscible_mode"), name="immiscible_mode"),
         metric=immiscible.check_metric(get("immiscible_metric"), name="immiscible_metric"),
         backend=immiscible.check_backend(get("immiscible_backend"), name="immiscible_backend"),
+        coarse=immiscible.check_int("immiscible_coarse", get("immiscible_coarse"), 0, immiscible.COARSE_MAX,
+                                    " (0 = off; N pools to N x N)"),
         validation=immiscible.check_flag("immiscible_validation", get("immiscible_validation")),
     )
 

@@ -155,9 +155,10 @@ class Runtime:
         if not s.validation and self.in_validation():
             return None
         try:
+            coarse = immiscible.check_coarse(s.coarse, latents.shape, name="immiscible_coarse")
             rs = draw_rank_seed()
             noise, info = immiscible.select_noise(latents, s.k, seed=rs.seed, mode=s.mode, metric=s.metric,
-                                                  backend=s.backend, return_info=True)
+                                                  backend=s.backend, return_info=True, coarse=coarse)
         except Exception as exc:  # noqa: BLE001 - never end a run
             self.stock(f"select:{type(exc).__name__}",
                        "immiscible: selection failed at %s (%s: %s); using stock noise for this batch (warned once)",
@@ -175,7 +176,8 @@ class Runtime:
         if logger.isEnabledFor(logging.DEBUG) or dump:
             row = {"point": point, "call": calls, "rank": rs.rank, "world_size": rs.world_size,
                    "drawn_seed": rs.drawn, "seed": rs.seed, "k": info.k, "mode": info.mode, "metric": info.metric,
-                   "backend": info.backend, "index": info.index.tolist(), "reduction": info.reduction}
+                   "backend": info.backend, "index": info.index.tolist(), "reduction": info.reduction,
+                   "coarse": info.coarse, "coarse_reduction": info.coarse_reduction}
             logger.debug("immiscible selection %s", row)
             if dump:
                 try:

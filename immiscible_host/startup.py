@@ -33,7 +33,8 @@ def summary(settings: Settings, backend: str, points: list[str]) -> str:
     """The one-line start-up summary."""
     where = ", ".join(points) if points else "none"
     val = "selected" if settings.validation else "stock"
-    return (f"immiscible: k={settings.k} mode={settings.mode} metric={settings.metric} "
+    coarse = f"{settings.coarse}x{settings.coarse}" if settings.coarse else "off"
+    return (f"immiscible: k={settings.k} mode={settings.mode} metric={settings.metric} coarse={coarse} "
             f"backend={backend} (asked {settings.backend}) validation noise={val}; patch points active: {where}")
 
 

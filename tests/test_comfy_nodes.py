@@ -87,8 +87,10 @@ def test_schema_category_tooltips_seed_and_advanced(nodes):
         assert by_id["mode"].options == list(immiscible.MODES)
         assert by_id["metric"].options == list(immiscible.METRICS)
         assert by_id["model"].optional
-        for knob in ("mode", "metric", "latent_format"):
+        for knob in ("mode", "metric", "coarse", "latent_format"):
             assert by_id[knob].advanced is True
+        assert (by_id["coarse"].kw["default"], by_id["coarse"].kw["min"]) == (0, 0)
+        assert by_id["coarse"].kw["max"] == immiscible.COARSE_MAX
         assert by_id["latent_format"].options == ["auto", "sd15", "sdxl", "sd3", "flux", "wan", "raw"]
     preview = nodes.ImmiscibleNoisePreview.define_schema()
     assert [o.id for o in preview.outputs] == ["sheet", "assigned_noise", "random_noise", "noisy_assigned",
@@ -202,8 +204,21 @@ def test_assign_mode_and_cosine_metric():
     assert a.shape == c.shape == latent["samples"].shape
 
 
+def test_coarse_noise_is_the_core_coarse_selection_in_model_space(nodes):
+    latent = _latent(3, 4, 12, 10)
+    latent["batch_index"] = [4, 1, 9]
+    got = nodes.ImmiscibleNoise.execute(seed=7, k=16, coarse=3).args[0].generate_noise(latent)
+    want = immiscible.select_noise(latent["samples"] * 0.18215, 16, seed=7, backend="torch", sample_ids=[4, 1, 9],
+                                   coarse=3)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, cn.Noise_Immiscible(7, 16).generate_noise(latent))
+    with pytest.raises(ValueError, match=r"coarse must be in \[0, 10\]"):
+        cn.Noise_Immiscible(7, 16, coarse=11).generate_noise(latent)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"k": 0}, "k must be"), ({"k": 2, "mode": "nope"}, "mode"),
-                                           ({"k": 2, "metric": "l1"}, "metric")])
+                                           ({"k": 2, "metric": "l1"}, "metric"), ({"k": 2, "coarse": -1}, "coarse"),
+                                           ({"k": 2, "coarse": immiscible.COARSE_MAX + 1}, "coarse")])
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cn.Noise_Immiscible(0, **kwargs)
@@ -319,6 +334,22 @@ def test_preview_scores_come_from_the_selection(monkeypatch, mode, metric):
     np.testing.assert_allclose(res.stats.candidate_mean, direct.double().mean(1).numpy(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["knn", "assign"])
+def test_preview_shows_pooled_statistics_with_coarse(mode):
+    latent = _latent(2, 4, 8, 8)
+    res = cn.preview(latent, 16, mode, "l2", 2, 0.5, coarse=2)
+    x = latent["samples"] * 0.18215
+    pool = lambda t: torch.nn.functional.avg_pool2d(t.double(), 4).flatten(1)  # noqa: E731 - 8x8 -> 2x2
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(pool(a), pool(b), dim=1).numpy()  # noqa: E731
+    np.testing.assert_allclose(res.stats.assigned["coarse_cosine"], cos(res.data.assigned_noise, x), atol=1e-5)
+    np.testing.assert_allclose(res.stats.random["coarse_cosine"], cos(res.data.random_noise, x), atol=1e-5)
+    rnd, asg = viz.stats_rows(res.stats)
+    assert asg["coarse_cosine"] > rnd["coarse_cosine"] and asg["coarse_reduction_vs_candidates"] > 0
+    assert "coarse=2x2" in res.text and "cos 2x2" in res.text
+    plain = cn.preview(latent, 16, mode, "l2", 2, 0.5)
+    assert "coarse_cosine" not in viz.stats_rows(plain.stats)[1] and "cos 2x2" not in plain.text
+
+
 def test_preview_of_all_zero_latent_is_random_noise():
     res = cn.preview({"samples": torch.zeros(2, 4, 8, 8)}, 16, "knn", "l2", 5, 0.5)
     assert torch.equal(res.data.assigned_noise, res.data.random_noise)
@@ -355,8 +386,11 @@ def test_example_workflows_are_consistent(nodes, path):
     assert used
     for node in used:
         schema = ours[node["type"]]
-        widgets = [p for p in schema.inputs if p.__class__.__name__ != "_Port" or p.id in ("k", "seed", "t")]
+        widgets = [p for p in schema.inputs
+                   if p.__class__.__name__ != "_Port" or p.id in ("k", "seed", "t", "coarse")]
         expected = len(widgets) + 1  # + the seed's control_after_generate value
         assert len(node["widgets_values"]) == expected, node["type"]
+        # Inputs added after a release go last, so a workflow saved before them keeps its values.
+        assert widgets[-1].id == "coarse" and node["widgets_values"][-1] == 0
         sockets = {i["name"] for i in node["inputs"]}
         assert sockets <= {p.id for p in schema.inputs}

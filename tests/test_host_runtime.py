@@ -41,6 +41,8 @@ def test_options_follow_the_core_vocabulary():
     ("immiscible_mode", "hungarian", "immiscible_mode must be one of"),
     ("immiscible_backend", None, "immiscible_backend must be one of"),
     ("immiscible_validation", 1, "immiscible_validation must be true or false"),
+    ("immiscible_coarse", -1, f"immiscible_coarse must be in [0, {immiscible.COARSE_MAX}] (0 = off"),
+    ("immiscible_coarse", "8", "immiscible_coarse must be an integer"),
 ])
 def test_settings_errors_name_the_key_and_range(key, value, needle):
     with pytest.raises((TypeError, ValueError)) as info:
@@ -51,7 +53,8 @@ def test_settings_errors_name_the_key_and_range(key, value, needle):
 def test_metadata_only_when_enabled():
     s = options.Settings(k=64, metric="cosine")
     assert s.metadata() == {"ss_immiscible_k": "64", "ss_immiscible_mode": "knn", "ss_immiscible_metric": "cosine",
-                            "ss_immiscible_validation": "False"}
+                            "ss_immiscible_coarse": "0", "ss_immiscible_validation": "False"}
+    assert options.Settings(k=4, coarse=8).metadata()["ss_immiscible_coarse"] == "8"
     base = {"a": "1"}
     assert options.with_metadata(base, s) == {**base, **s.metadata()} and base == {"a": "1"}
     assert options.with_metadata(base, s, no_metadata=True) is base
@@ -73,6 +76,22 @@ def test_select_uses_torch_seed_stream_and_records(monkeypatch, tmp_path):
     row = json.loads((tmp_path / "rank0.jsonl").read_text())
     assert row["point"] == "p" and row["k"] == 8 and row["world_size"] == 1 and row["seed"] == row["drawn_seed"]
     assert rt.calls == 1 and 0 < rt.reduction_for_log() < 1 and rt.stock_batches == 0
+
+
+def test_coarse_selects_in_pooled_space_and_a_too_small_latent_falls_back(monkeypatch, tmp_path, caplog):
+    rt = Runtime(dump_env="HOST_TEST_DUMP")
+    rt.configure(options.Settings(k=8, coarse=2))
+    monkeypatch.setenv("HOST_TEST_DUMP", str(tmp_path))
+    torch.manual_seed(5)
+    got = rt.select(LATENTS, "p")
+    torch.manual_seed(5)
+    assert torch.equal(got, immiscible.select_noise(LATENTS, 8, coarse=2))
+    row = json.loads((tmp_path / "rank0.jsonl").read_text())
+    assert row["coarse"] == 2 and 0 < row["coarse_reduction"] < 1
+    rt.configure(options.Settings(k=8, coarse=LATENTS.shape[-1] + 1))  # a bucket smaller than N x N
+    with caplog.at_level("WARNING"):
+        assert rt.select(LATENTS, "p") is None
+    assert rt.stock_batches == 1 and "immiscible_coarse must be in [0, " in caplog.text
 
 
 def test_failures_fall_back_warn_once_and_are_counted(caplog):
@@ -207,5 +226,6 @@ def test_start_up_errors_name_the_config_file_and_use_the_parser():
 
 def test_summary_line():
     line = startup.summary(options.Settings(k=8), "torch", ["a", "b"])
-    assert line == ("immiscible: k=8 mode=knn metric=l2 backend=torch (asked auto) validation noise=stock; "
+    assert line == ("immiscible: k=8 mode=knn metric=l2 coarse=off backend=torch (asked auto) validation noise=stock; "
                     "patch points active: a, b")
+    assert "coarse=8x8 " in startup.summary(options.Settings(k=8, coarse=8), "torch", [])

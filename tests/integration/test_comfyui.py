@@ -232,12 +232,12 @@ def test_pack_is_loaded(comfy):
     print(f"ComfyUI with the pack answered after {comfy.start_seconds:.1f} s")
 
 
-def _preview_graph(source: dict, k=16, fmt="auto", t=0.5, prefix="immiscible_sheet"):
+def _preview_graph(source: dict, k=16, fmt="auto", t=0.5, prefix="immiscible_sheet", coarse=0):
     return {
         "1": source,
         "2": {"class_type": "ImmiscibleNoisePreview",
               "inputs": {"latent": ["1", 0], "k": k, "mode": "knn", "metric": "l2", "seed": 42, "t": t,
-                         "latent_format": fmt}},
+                         "latent_format": fmt, "coarse": coarse}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
         "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 1], "filename_prefix": f"latents/{prefix}_a"}},
@@ -277,6 +277,24 @@ def test_preview_of_loaded_latent(comfy, name, shape, fmt):
     assert not np.array_equal(assigned, rand)
     text = comfy.log()
     assert "Traceback" not in text
+
+
+def test_coarse_preview_over_http_is_the_core_coarse_selection(comfy):
+    import torch
+
+    import immiscible
+
+    latent = structured_latent(2, 4, 32, 32, seed=4, scale=1 / 0.18215)
+    write_latent(comfy.root / "input" / "coarse.latent", latent)
+    src = {"class_type": "LoadLatent", "inputs": {"latent": "coarse.latent"}}
+    coarse, _ = _check_preview(comfy, comfy.run(_preview_graph(src, k=32, coarse=4, prefix="coarse4")), (2, 4, 32, 32))
+    plain, _ = _check_preview(comfy, comfy.run(_preview_graph(src, k=32, prefix="coarse0")), (2, 4, 32, 32))
+    x = torch.from_numpy(np.asarray(latent, dtype=np.float32)) * 0.18215
+    want = immiscible.select_noise(x, 32, seed=42, backend="torch", sample_ids=[0, 1], coarse=4) / 0.18215
+    np.testing.assert_allclose(coarse, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(coarse, plain)
+    with pytest.raises(AssertionError, match=r"coarse must be in \[0, 32\]"):  # bigger than the 32x32 latent
+        comfy.run(_preview_graph(src, k=32, coarse=33, prefix="coarse33"))
 
 
 def test_preview_respects_batch_index(comfy):
@@ -359,8 +377,11 @@ def ui_to_api(workflow: dict, object_info: dict, overrides: dict) -> dict:
                 spec = info["input"][section][name]
                 if name in connected or not (isinstance(spec[0], list) or spec[0] in _WIDGET_TYPES):
                     continue
-                inputs[name] = values.pop(0)
                 opts = spec[1] if len(spec) > 1 else {}
+                if not values:  # a workflow saved before this input existed: the front end keeps its default
+                    inputs[name] = opts["default"]
+                    continue
+                inputs[name] = values.pop(0)
                 if opts.get("control_after_generate") or opts.get("image_upload"):
                     values.pop(0)
         assert not values, f"{node['type']}: {len(values)} widget values left over"
@@ -384,10 +405,16 @@ def _write_png(path: Path, size: int = 64) -> None:
 
 
 @pytest.mark.parametrize("name", ["immiscible_noise_preview", "immiscible_noise_sampling"])
-def test_example_workflow_runs(comfy, name):
+@pytest.mark.parametrize("saved", ["current", "before_coarse"])
+def test_example_workflow_runs(comfy, name, saved):
+    """The shipped workflows run; so do they as saved before the ``coarse`` input (one widget value fewer)."""
     if comfy.checkpoint is None:
         pytest.skip("no random SD1.5 checkpoint (set IMMISCIBLE_CKPT or run scripts/setup_integration.sh)")
     workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    if saved == "before_coarse":
+        for node in workflow["nodes"]:
+            if node["type"].startswith("Immiscible"):
+                node["widgets_values"].pop()
     object_info = json.loads(comfy.get("/object_info"))
     _write_png(comfy.root / "input" / "example64.png")
     overrides = {"CheckpointLoaderSimple": {"ckpt_name": comfy.checkpoint.name},

@@ -54,11 +54,12 @@ if __name__ != "__main__":
         res = _case("parsers")
         assert sorted(res) == sorted(TRAINERS)
         for script, opts in res.items():
-            assert opts == ["--immiscible_backend", "--immiscible_k", "--immiscible_metric", "--immiscible_mode"], script
+            assert opts == ["--immiscible_backend", "--immiscible_coarse", "--immiscible_k", "--immiscible_metric",
+                            "--immiscible_mode"], script
 
     def test_config_file_and_bad_values():
         res = _case("config", str(PACK / "configs"))
-        assert res["good"] == {"k": 8, "mode": "knn", "metric": "cosine"}
+        assert res["good"] == {"k": 8, "mode": "knn", "metric": "cosine", "coarse": 4}
         for bad, (rc, msg) in res["bad"].items():
             assert rc == 2 and "immiscible_k" in msg and "[1, 65536]" in msg, (bad, msg)
         assert res["wan21_config"]["k"] == 4 and res["wan21_config"]["unknown_keys"] == []
@@ -178,10 +179,11 @@ def case_config(configs):
         open(path, "w").write(body)
         return path
 
-    rc, msg, args = _parse("wan_train_network", base + ["--config_file", toml("[immiscible]\nimmiscible_k = 8\n"),
+    config = toml("[immiscible]\nimmiscible_k = 8\nimmiscible_coarse = 4\n")
+    rc, msg, args = _parse("wan_train_network", base + ["--config_file", config,
                                                         "--immiscible_metric", "cosine"])
     s = RUNTIME.settings
-    good = {"k": s.k, "mode": s.mode, "metric": s.metric}
+    good = {"k": s.k, "mode": s.mode, "metric": s.metric, "coarse": s.coarse}
     bad = {}
     for value in ('"64"', "64.5", "0", "-3", "70000"):
         rc, msg, _ = _parse("wan_train_network", base + ["--config_file", toml(f"immiscible_k = {value}\n")])

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 MATRIX = [tuple(e.split("=", 1)) for e in os.environ.get("SD_SCRIPTS_MATRIX", "").split() if "=" in e]
 FLAGS = ["--immiscible_k", "8", "--immiscible_mode", "assign", "--immiscible_metric", "cosine",
-         "--immiscible_backend", "torch", "--immiscible_validation"]
+         "--immiscible_backend", "torch", "--immiscible_coarse", "4", "--immiscible_validation"]
 #: (name, flags): all exist from v0.8.7 on; a version whose parser lacks one skips that case.
 SEMANTIC_CASES = [
     ("plain", []),
@@ -174,7 +174,7 @@ def probe_trainers():
             parser = mod.setup_parser()
             ns = parser.parse_args(FLAGS)
             rec["options"] = [ns.immiscible_k, ns.immiscible_mode, ns.immiscible_metric, ns.immiscible_backend,
-                              ns.immiscible_validation] == [8, "assign", "cosine", "torch", True]
+                              ns.immiscible_coarse, ns.immiscible_validation] == [8, "assign", "cosine", "torch", 4, True]
             rec["default_off"] = parser.parse_args([]).immiscible_k == 1
         except BaseException as exc:  # noqa: BLE001
             rec["import_error"] = f"{type(exc).__name__}: {exc}"[:300]
