@@ -48,7 +48,8 @@ def _metric_input():
 
 
 def _coarse_input():
-    return _advanced(io.Int.Input, "coarse", default=0, min=0, max=immiscible.COARSE_MAX,
+    # Optional, so API-format graphs written before it still validate; 0 (off) when absent.
+    return _advanced(io.Int.Input, "coarse", default=0, min=0, max=immiscible.COARSE_MAX, optional=True,
                      tooltip="Coarse selection: rank the candidates by their distance to the latent after both "
                              "are average-pooled to N x N, so only the layout (low frequencies) is aligned and the "
                              "fine detail stays ordinary noise. 0 = off. At most the latent's shorter side.")

@@ -89,7 +89,7 @@ def test_schema_category_tooltips_seed_and_advanced(nodes):
         assert by_id["model"].optional
         for knob in ("mode", "metric", "coarse", "latent_format"):
             assert by_id[knob].advanced is True
-        assert (by_id["coarse"].kw["default"], by_id["coarse"].kw["min"]) == (0, 0)
+        assert (by_id["coarse"].kw["default"], by_id["coarse"].kw["min"], by_id["coarse"].optional) == (0, 0, True)
         assert by_id["coarse"].kw["max"] == immiscible.COARSE_MAX
         assert by_id["latent_format"].options == ["auto", "sd15", "sdxl", "sd3", "flux", "wan", "raw"]
     preview = nodes.ImmiscibleNoisePreview.define_schema()
