@@ -51,6 +51,28 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, *, bandwidth: float = 1.0) -> floa
     return float(value.clamp_min(0.0))
 
 
+def mmd_rbf_multi(x: torch.Tensor, y: torch.Tensor, bandwidths) -> float:
+    """Mean of :func:`mmd_rbf` over several kernel bandwidths (each scale weighs the same).
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, F)
+    y : Tensor, shape (M, F)
+    bandwidths : sequence of float
+    """
+    bandwidths = tuple(bandwidths)
+    if not bandwidths:
+        raise ValueError("mmd_rbf_multi needs at least one bandwidth")
+    x, y = x.double(), y.double()
+    dxx, dyy, dxy = torch.cdist(x, x).square(), torch.cdist(y, y).square(), torch.cdist(x, y).square()
+    total = 0.0
+    for b in bandwidths:
+        g = 1.0 / (2.0 * float(b) ** 2)
+        value = torch.exp(-g * dxx).mean() + torch.exp(-g * dyy).mean() - 2.0 * torch.exp(-g * dxy).mean()
+        total += float(value.clamp_min(0.0))
+    return total / len(bandwidths)
+
+
 def gaussian_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``(F,)`` and unbiased covariance ``(F, F)`` of ``x`` in float64."""
     x = x.double()
@@ -86,12 +108,27 @@ def straightness_gap(x_one_step: torch.Tensor, x_many_steps: torch.Tensor) -> fl
     return float((x_one_step.double() - x_many_steps.double()).square().mean())
 
 
-def sample_quality(generated: torch.Tensor, reference: torch.Tensor, kind: str, features=None) -> float:
-    """``"w2"``: exact W2 on ``min(N, M)`` points each; ``"fd"``: Frechet distance on ``features(.)``."""
+def sample_quality(generated: torch.Tensor, reference: torch.Tensor, kind: str, features=None,
+                   bandwidths=()) -> float:
+    """``"w2"``: exact W2 on ``min(N, M)`` points each; ``"fd"``: Frechet distance on ``features(.)``;
+    ``"mmd"``: :func:`mmd_rbf_multi` on ``features(.)`` with ``bandwidths``.
+
+    Non-finite values of a diverged sampler count as 1e6 (far from every data point), so the
+    score stays finite (MMD² saturates) and comparable.
+    """
+    generated = torch.nan_to_num(generated, nan=1e6, posinf=1e6, neginf=-1e6)
     if kind == "w2":
         n = min(generated.shape[0], reference.shape[0])
         return w2_exact(generated[:n], reference[:n])
     if kind == "fd":
         f = features or (lambda t: t)
         return frechet_distance(f(generated), f(reference))
-    raise ValueError(f"quality kind must be 'w2' or 'fd', got {kind!r}")
+    if kind == "mmd":
+        f = features or (lambda t: t)
+        return mmd_rbf_multi(f(generated), f(reference), bandwidths)
+    raise ValueError(f"quality kind must be 'w2', 'fd' or 'mmd', got {kind!r}")
+
+
+def dataset_quality(data, generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """The quality metric of a :class:`~immiscible_lab.experiment.data.Dataset` (lower is better)."""
+    return sample_quality(generated, reference, data.quality, data.features, data.bandwidths)
