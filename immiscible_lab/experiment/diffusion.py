@@ -1,8 +1,11 @@
 """The two training objectives and their deterministic samplers.
 
-``ddpm`` : epsilon-prediction with the "scaled linear" beta schedule SD / SDXL train with
-           (betas 0.00085..0.012, T = 1000; Ho et al., 2020); sampled with DDIM (eta = 0), Euler's method on the probability-flow
-           ODE in the (x0, eps) parametrization (Song et al., 2021).
+``ddpm`` : epsilon-prediction (Ho et al., 2020), T = 1000, with one of two noise schedules:
+           ``scaled-linear`` (the betas 0.00085..0.012 SD / SDXL train with) or ``cosine``
+           (Nichol & Dhariwal, 2021, s = 0.008, betas capped at 0.999 as diffusers'
+           ``squaredcos_cap_v2``); sampled with DDIM (eta = 0), Euler's method on the
+           probability-flow ODE in the (x0, eps) parametrization (Song et al., 2021), with the
+           predicted x0 optionally clipped to [-1, 1] (diffusers' ``clip_sample``).
 ``flow`` : rectified flow / flow matching, ``x_t = (1 - t) x0 + t n``, target ``v = n - x0`` as
            FLUX trains; sampled with Euler steps from t = 1 to 0 (Liu et al., 2023).
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import torch
 
 OBJECTIVES = ("ddpm", "flow")
+SCHEDULES = ("scaled-linear", "cosine")
 DDPM_T = 1000
 
 
@@ -20,6 +24,25 @@ def ddpm_alpha_bar(T: int = DDPM_T, beta_start: float = 0.00085, beta_end: float
     """Cumulative products ``alpha_bar_t`` of SD's scaled-linear beta schedule, shape (T,)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64).square()
     return torch.cumprod(1.0 - betas, 0).to(torch.float32)
+
+
+def cosine_alpha_bar(T: int = DDPM_T, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """``alpha_bar_t`` of the cosine schedule, shape (T,): ``f(t) = cos((t/T + s)/(1 + s) * pi/2)^2``."""
+    import math
+
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2).square()
+    betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return torch.cumprod(1.0 - betas, 0).to(torch.float32)
+
+
+def alpha_bar_for(schedule: str) -> torch.Tensor:
+    """The ``alpha_bar`` of a named DDPM schedule (``SCHEDULES``)."""
+    if schedule == "scaled-linear":
+        return ddpm_alpha_bar()
+    if schedule == "cosine":
+        return cosine_alpha_bar()
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def draw_times(objective: str, batch: int, *, generator: torch.Generator) -> torch.Tensor:
@@ -46,14 +69,20 @@ def objective_loss(model, objective: str, x0, noise, t, alpha_bar) -> torch.Tens
 
 
 @torch.no_grad()
-def sample_ddim(model, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """DDIM (eta = 0) from ``noise`` (N, D) at t = T-1 to data in ``steps`` model calls."""
+def sample_ddim(model, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor, *, clip: bool = False) -> torch.Tensor:
+    """DDIM (eta = 0) from ``noise`` (N, D) at t = T-1 to data in ``steps`` model calls.
+
+    With ``clip`` the predicted x0 is clamped to [-1, 1] (the data range) at every step; the
+    predicted noise is the model's own (diffusers' DDIM with ``clip_sample=True``).
+    """
     ts = torch.linspace(DDPM_T - 1, 0, steps + 1)[:-1].round().long()
     x = noise
     for i, t in enumerate(ts.tolist()):
         ab = alpha_bar[t]
         eps = model(x, torch.full((x.shape[0],), t / DDPM_T))
         x0_hat = (x - (1.0 - ab).sqrt() * eps) / ab.sqrt()
+        if clip:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
         ab_next = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
         x = ab_next.sqrt() * x0_hat + (1.0 - ab_next).sqrt() * eps
     return x
@@ -69,7 +98,20 @@ def sample_euler(model, noise: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
-def sample(model, objective: str, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+#: the samplers of each objective: name -> DDIM x0 clipping (None: Euler, no clipping)
+SAMPLERS = {"euler": None, "ddim": False, "ddim-clip": True}
+
+
+def samplers_for(objective: str, clip: tuple[str, ...] = ("off",)) -> tuple[str, ...]:
+    """Sampler names evaluated for ``objective``: Euler for flow; DDIM with x0 clipping off and/or on for ddpm."""
+    if objective == "flow":
+        return ("euler",)
+    return tuple({"off": "ddim", "on": "ddim-clip"}[c] for c in clip)
+
+
+def sample(model, objective: str, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor,
+           sampler: str | None = None) -> torch.Tensor:
+    """Sample with ``sampler`` (default: unclipped DDIM for ddpm, Euler for flow)."""
     if objective == "ddpm":
-        return sample_ddim(model, noise, steps, alpha_bar)
+        return sample_ddim(model, noise, steps, alpha_bar, clip=sampler == "ddim-clip")
     return sample_euler(model, noise, steps)
