@@ -21,25 +21,38 @@ def _csv(kind):
 def _add_demo(sub):
     p = sub.add_parser(
         "demo", help="train small diffusion models under each noise pairing and write an A/B report",
-        description="Train small eps-prediction DDPM and rectified-flow models on scikit-learn's digits and a 2-D "
-                    "Gaussian mixture under vanilla, knn and assign noise pairing (equal compute, several seeds), "
-                    "then write a report folder (report.md, results.json, PNGs) with a verdict computed from the "
-                    "runs, and print the effect-size table. Defaults: under 10 min on a 2-core CPU.")
+        description="Train small eps-prediction DDPM and rectified-flow models on a 2-D Gaussian mixture, "
+                    "scikit-learn's 8x8 digits and 16x16 / 32x32 RGB patches of scikit-learn's sample photos under "
+                    "vanilla, knn, assign and coarse noise pairing (equal compute, several seeds, paired by seed), "
+                    "then write a report folder (report.md, results.json, runs.jsonl, PNGs) that leads with the "
+                    "verdicts that hold across training budget, DDPM schedule, DDIM clipping, model and image size, "
+                    "and print them. Defaults: under 10 min on a 2-core CPU.")
     p.add_argument("--quick", action="store_const", const="quick", dest="preset",
-                   help="smoke-test size (2 seeds, 100 steps, small MLPs; about a minute on 2 cores; the numbers mean "
+                   help="smoke-test size (2 seeds, ~100 steps, small MLPs; under a minute on 2 cores; the numbers mean "
                         "little). Options below override it")
-    p.add_argument("--preset", choices=("default", "quick", "tiny"), default="default",
-                   help="a named configuration; 'tiny' is the unit test's (seconds, not meaningful)")
+    p.add_argument("--preset", choices=("default", "quick", "tiny", "full"), default="default",
+                   help="a named configuration: 'full' covers every axis (digits, 16x16 and 32x32 patches; both DDPM "
+                        "schedules, both model families, clipping on/off, 2 budgets; about 2 h on 2 cores with "
+                        "--workers 2; use --resume after an interruption); 'tiny' is the unit test's")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs recorded in OUT/runs.jsonl and train only the rest")
     g = p.add_argument_group("grid")
-    g.add_argument("--datasets", type=_csv(str), help="comma list of gmm,digits (default: both)")
+    g.add_argument("--datasets", type=_csv(str), help="comma list of gmm,digits,patches16,patches32 (default: gmm,digits)")
     g.add_argument("--objectives", type=_csv(str), help="comma list of ddpm,flow (default: both)")
+    g.add_argument("--schedules", type=_csv(str), help="DDPM noise schedules: scaled-linear,cosine (default scaled-linear)")
+    g.add_argument("--models", type=_csv(str), help="model families: mlp,resmlp (residual MLP with a learned input "
+                                                   "skip) (default mlp)")
     g.add_argument("--arms", type=_csv(str),
-                   help="comma list; vanilla, knn-{l2,cosine}-K, assign[-{l2,cosine}[-K]] "
-                        "(default: vanilla,knn-l2-4,knn-l2-64,knn-cosine-4,knn-cosine-64,assign-l2-1)")
+                   help="comma list; vanilla, knn-{l2,cosine}-K, assign[-{l2,cosine}[-K]], knn-coarseN-K (L2 after "
+                        "NxN average pooling), assign-coarseN[-K]; coarse arms are skipped where N exceeds the image "
+                        "(default: vanilla,knn-l2-4,knn-cosine-4,knn-coarse4-4,assign-l2-1)")
     g.add_argument("--seeds", type=int, help="seeds per arm (default 3)")
     g.add_argument("--base-seed", type=int, help="first seed (default 0)")
     t = p.add_argument_group("training (the same for every arm)")
-    t.add_argument("--steps", type=int, help="training steps per run, every data set (default: gmm 800, digits 1000)")
+    t.add_argument("--steps", type=int, help="training steps per run, every data set (default: gmm 1000, digits 4000)")
+    t.add_argument("--budgets", type=_csv(int),
+                   help="training steps at which verdicts are also read, from checkpoints of the same runs "
+                        "(default: gmm 250, digits 1000; the last step always counts)")
     t.add_argument("--batch-size", type=int, help="default 128")
     t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     t.add_argument("--hidden", type=int, help="MLP width, every data set (default: gmm 128, digits 256)")
@@ -48,9 +61,11 @@ def _add_demo(sub):
     e = p.add_argument_group("evaluation")
     e.add_argument("--evals", type=int, help="evaluation checkpoints per run (default 6)")
     e.add_argument("--eval-samples", type=int, help="samples per evaluation (default 512)")
-    e.add_argument("--sampler-steps", type=_csv(int), help="sampler step counts (default 1,2,8,32)")
+    e.add_argument("--sampler-steps", type=_csv(int), help="sampler step counts (default 1,8,32)")
+    e.add_argument("--clip", type=_csv(str), help="DDIM x0 clipping to [-1, 1] evaluated for ddpm: off,on (default both)")
     e.add_argument("--effect-dims", type=_csv(int), help="D values of the effect-size table")
     e.add_argument("--effect-ks", type=_csv(int), help="k values of the effect-size table (default 4,64)")
+    e.add_argument("--effect-coarse", type=_csv(int), help="coarse N values of the effect-size table (default 4,8)")
     e.add_argument("--no-library-timing", action="store_true", help="skip timing immiscible.select_noise")
     r = p.add_argument_group("resources and output")
     r.add_argument("--workers", type=int, help="worker processes (default: CPU cores, at most 2)")
@@ -60,9 +75,10 @@ def _add_demo(sub):
     p.set_defaults(func=_demo, preset="default")
 
 
-_TRAIN_KEYS = ("steps", "batch_size", "lr", "hidden", "depth", "ema_decay", "evals", "eval_samples", "sampler_steps")
-_DEMO_KEYS = ("datasets", "objectives", "arms", "seeds", "base_seed", "workers", "threads", "out", "effect_dims",
-              "effect_ks")
+_TRAIN_KEYS = ("steps", "batch_size", "lr", "hidden", "depth", "ema_decay", "evals", "eval_samples", "sampler_steps",
+               "budgets", "clip")
+_DEMO_KEYS = ("datasets", "objectives", "schedules", "models", "arms", "seeds", "base_seed", "workers", "threads",
+              "out", "effect_dims", "effect_ks", "effect_coarse")
 
 
 def demo_config(args):
@@ -72,15 +88,24 @@ def demo_config(args):
     given = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
     train = replace(cfg.train, **given)
     per_dataset = {d: {k: v for k, v in changes.items() if k not in given} for d, changes in cfg.dataset_train.items()}
-    cfg = replace(cfg, train=train, dataset_train=per_dataset, **{k: getattr(args, k) for k in _DEMO_KEYS if getattr(args, k) is not None})
+    if "steps" in given and "budgets" not in given:  # keep the preset's budgets that still fit
+        train = replace(train, budgets=tuple(b for b in train.budgets if b < args.steps))
+        for changes in per_dataset.values():
+            if "budgets" in changes:
+                changes["budgets"] = tuple(b for b in changes["budgets"] if b < args.steps)
+    demo = {k: getattr(args, k) for k in _DEMO_KEYS if getattr(args, k) is not None}
+    grid = {d: {k: v for k, v in changes.items() if k not in demo} for d, changes in cfg.dataset_grid.items()}
+    cfg = replace(cfg, train=train, dataset_train=per_dataset, dataset_grid=grid, **demo)
     if args.no_library_timing:
         cfg = replace(cfg, library_timing=False)
+    if args.resume:
+        cfg = replace(cfg, resume=True)
     return cfg.validate()
 
 
 def _demo(args) -> int:
     from .experiment import format_effect_table, run_demo
-    from .experiment.report import summary_lines
+    from .experiment.report import robust_lines
 
     cfg = demo_config(args)
     command = "python -m immiscible " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -88,9 +113,9 @@ def _demo(args) -> int:
     print("\nEffect size: distance reduction, noise std and cosine against D and k "
           "(standard-normal latents, immiscible.select_noise)\n")
     print(format_effect_table(result["effect"]))
-    print("\nVerdicts against vanilla (final mean ± std over seeds; overlapping intervals = no significant difference)\n")
-    print("| dataset | objective | metric | verdict vs vanilla |\n|---|---|---|---|")
-    print("\n".join(summary_lines(result["verdicts"])))
+    print("\nRobust findings (one sign in every cell of budget, schedule, clipping, model and size; pooled paired "
+          "t-test, Benjamini-Hochberg q = 0.05)\n")
+    print("\n".join(robust_lines(result["robustness"])))
     print(f"\nReport: {cfg.out}/report.md ({len(result['files'])} files, {result['wall_seconds']:.0f} s)")
     return 0
 
@@ -106,6 +131,8 @@ def _add_effect(sub):
     p.add_argument("--dims", type=_csv(int), default=DEFAULT_DIMS, help="D values (default %(default)s)")
     p.add_argument("--ks", type=_csv(int), default=DEFAULT_KS, help="knn k values (default %(default)s)")
     p.add_argument("--metrics", type=_csv(str), default=("l2",), help="comma list of l2,cosine (default l2)")
+    p.add_argument("--coarse", type=_csv(int), default=(),
+                   help="also knn-l2 rows ranked after NxN pooling, for each N (e.g. 4,8; latents shaped as images)")
     p.add_argument("--assign-batch", type=int, default=64, help="batch of the assign rows; 0 = none (default 64)")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                    help="candidate elements per cell; sets the knn batch (default %(default)s)")
@@ -122,7 +149,7 @@ def _effect(args) -> int:
 
     torch.set_num_threads(args.threads)
     rows = effect_table(args.dims, args.ks, metrics=args.metrics, assign_batch=args.assign_batch or None,
-                        budget=args.budget, seed=args.seed)
+                        budget=args.budget, seed=args.seed, coarse=args.coarse)
     print(json.dumps(rows, indent=1) if args.json else format_effect_table(rows))
     return 0
 

@@ -43,13 +43,15 @@ def test_pair_noise_arms():
 @pytest.mark.parametrize("text, arm", [
     ("vanilla", Arm("vanilla")), ("knn-l2-64", Arm("knn", 64, "l2")), ("knn-cosine-4", Arm("knn", 4, "cosine")),
     ("assign", Arm("assign", 1, "l2")), ("assign-cosine", Arm("assign", 1, "cosine")), ("ASSIGN-l2-2", Arm("assign", 2)),
+    ("knn-coarse8-4", Arm("knn", 4, "l2", 8)), ("knn-coarse4-cosine-16", Arm("knn", 16, "cosine", 4)),
+    ("assign-coarse4-1", Arm("assign", 1, "l2", 4)), ("assign-coarse2", Arm("assign", 1, "l2", 2)),
 ])
 def test_parse_arm(text, arm):
     assert parse_arm(text) == arm
     assert parse_arm(arm.name) == arm
 
 
-@pytest.mark.parametrize("bad", ["knn", "knn-l1-4", "knn-l2-0", "random", ""])
+@pytest.mark.parametrize("bad", ["knn", "knn-l1-4", "knn-l2-0", "random", "", "knn-coarse0-4", "knn-coarse-4"])
 def test_parse_arm_rejects(bad):
     with pytest.raises(ValueError):
         parse_arm(bad)
@@ -94,10 +96,13 @@ def test_datasets_are_fixed():
 def test_digits_dataset():
     pytest.importorskip("sklearn")
     d = load_dataset("digits")
-    assert d.dim == 64 and d.quality == "fd"
+    assert d.dim == 64 and d.quality == "mmd" and d.shape == (1, 8, 8) and d.family == "digits"
     assert d.train.min() >= -1 and d.train.max() <= 1
     assert d.train.shape[0] + d.holdout.shape[0] == 1797
-    assert d.features(d.holdout).shape == (d.holdout.shape[0], 16)
+    assert d.features(d.holdout).shape == (d.holdout.shape[0], 64)
+    # the feature network is a working digit classifier, trained on the training split only
+    acc = (d.features.classifier(d.holdout).argmax(1) == d.features.holdout_labels).float().mean()
+    assert acc > 0.9
 
 
 # --------------------------------------------------------------------------- training and verdicts
@@ -111,25 +116,29 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(state, torch.random.get_rng_state())
     r2 = train_run(data, "flow", parse_arm("knn-l2-4"), 3, cfg)
     assert r1.quality == r2.quality and r1.train_loss == r2.train_loss
-    assert r1.eval_at == [6, 12] and set(r1.quality) == {"1", "4"}
+    assert r1.eval_at == [6, 12] and set(r1.quality) == {"euler"} and set(r1.quality["euler"]) == {"1", "4"}
     assert MLPDenoiser(2, hidden=8, generator=torch.Generator().manual_seed(0))(torch.zeros(3, 2), torch.zeros(3)).shape == (3, 2)
 
 
 def test_checkpoints():
     assert checkpoints(100, 4) == [25, 50, 75, 100]
     assert checkpoints(3, 8) == [1, 2, 3]
+    assert checkpoints(100, 2, budgets=(10, 50, 200)) == [10, 50, 100]
 
 
-def test_verdict_rule():
-    eval_at = [100, 200, 300]
-    van_curve, van_final = [3.0, 2.0, 1.0], [0.9, 1.0, 1.1]
-    better = stats.compare([0.4, 0.5, 0.6], van_final, eval_at, [2.0, 0.9, 0.5], van_curve)
-    assert better["verdict"] == "better" and better["reach_step"] == 200 and better["vanilla_reach_step"] == 300
-    same = stats.compare([0.8, 1.0, 1.2], van_final, eval_at, [3.0, 2.0, 1.0], van_curve)
-    assert same["verdict"] == "no significant difference"
-    worse = stats.compare([2.0, 2.1, 2.2], van_final, eval_at, [3, 2.5, 2.1], van_curve)
-    assert worse["verdict"] == "worse" and worse["reach_step"] is None
-    assert "never" in stats.verdict_text(worse)
+def test_paired_verdict_rule():
+    van = {0: 1.0, 1: 2.0, 2: 4.0}                       # seeds differ a lot ...
+    better = stats.paired_compare({0: 0.5, 1: 1.1, 2: 1.9}, van)   # ... but every seed halves
+    assert better["verdict"] == "better" and better["rel_change"] == pytest.approx(-0.49, abs=0.03)
+    assert better["p_paired"] < 0.05
+    # the same arm values unpaired would overlap vanilla's interval: pairing is what finds it
+    assert stats.intervals_overlap(*stats.mean_std([0.5, 1.1, 1.9]), *stats.mean_std([1.0, 2.0, 4.0]))
+    worse = stats.paired_compare({0: 1.5, 1: 3.1, 2: 5.9}, van)
+    assert worse["verdict"] == "worse"
+    mixed = stats.paired_compare({0: 0.5, 1: 4.0, 2: 4.0}, van)
+    assert mixed["verdict"] == "n.s."
+    tiny = stats.paired_compare({0: 1.001, 1: 2.002, 2: 4.004}, van)  # consistent but 0.1%
+    assert tiny["p_paired"] < 0.05 and tiny["verdict"] == "n.s."
 
 
 # --------------------------------------------------------------------------- the whole demo
@@ -147,10 +156,14 @@ def test_demo_writes_every_report_file(tmp_path):
         assert (out / name).is_file() and os.path.getsize(out / name) > 0, name
     result = json.loads((out / "results.json").read_text())
     keys = {(v["objective"], v["metric"]) for v in result["verdicts"]}
-    assert keys == {(o, m) for o in ("ddpm", "flow") for m in ("quality@1", "quality@2", "quality@8", "straightness")}
+    assert keys == ({("ddpm", m) for m in ("quality@1", "quality@2", "quality@8")}
+                    | {("flow", m) for m in ("quality@1", "quality@2", "quality@8", "straightness")})
     assert len(result["runs"]) == 2 * 3 * 2
+    assert {r["arm"] for r in result["robustness"]} == {"knn-l2-4", "assign-l2-1"}
+    assert all(r["class"] in ("robust-better", "robust-worse", "depends", "none") for r in result["robustness"])
     text = (out / "report.md").read_text()
-    assert "## Verdicts" in text and "mean ± std" in text
+    assert text.index("## Robust findings") < text.index("## Verdicts per cell")
+    assert "moment-matched Gaussian" in text and "floor (data vs data)" in text and "mean ± std" in text
 
 
 @pytest.mark.slow
@@ -170,7 +183,13 @@ def test_quick_demo_from_the_command_line_writes_every_report_file(tmp_path):
     assert datasets == ["digits", "gmm"]
     for name in expected_files(datasets):
         assert (out / name).is_file() and os.path.getsize(out / name) > 0, name
-    assert "## Verdicts" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "## Robust findings" in text and "## Verdicts per cell" in text
+    # the quick grid exercises every axis the full one has, small: budgets, clipping, a coarse arm
+    assert {v["budget"] for v in result["verdicts"] if v["dataset"] == "digits"} == {50, 100}
+    assert {v["sampler"] for v in result["verdicts"] if v["objective"] == "ddpm"} == {"ddim", "ddim-clip"}
+    assert "knn-coarse4-4" in {v["arm"] for v in result["verdicts"]}
+    assert "knn-coarse4-4" not in {r["arm"] for r in result["runs"] if r["dataset"] == "gmm"}
 
 
 def test_cli_overrides_and_validation():
@@ -179,10 +198,21 @@ def test_cli_overrides_and_validation():
     args = build_parser().parse_args(["demo", "--quick", "--steps", "7", "--arms", "vanilla,knn-l2-4",
                                       "--datasets", "gmm", "--sampler-steps", "4,1"])
     default = demo_config(build_parser().parse_args(["demo"]))
-    assert default.seeds >= 3 and len(default.arms) == 6 and default.objectives == ("ddpm", "flow")
+    assert default.seeds >= 3 and "knn-coarse4-4" in default.arms and default.objectives == ("ddpm", "flow")
+    assert default.train_for("digits").budgets == (1000,) and default.train_for("digits").steps == 4000
     cfg = demo_config(args)
     assert cfg.train_for("gmm").steps == 7 and cfg.arms == ("vanilla", "knn-l2-4") and cfg.seeds == 2
-    assert cfg.train.sampler_steps == (1, 4)
+    assert cfg.train.sampler_steps == (1, 4) and cfg.train_for("gmm").budgets == ()
+    axes = demo_config(build_parser().parse_args(
+        ["demo", "--datasets", "digits,patches16", "--schedules", "cosine,scaled-linear", "--models", "mlp,resmlp",
+         "--clip", "on", "--steps", "300", "--budgets", "100,200", "--arms", "vanilla,knn-coarse8-4", "--resume"]))
+    assert axes.resume and axes.train_for("digits").budgets == (100, 200) and axes.train_for("patches16").clip == ("on",)
+    assert axes.arms_for("digits") == ("vanilla",) and axes.arms_for("patches16") == ("vanilla", "knn-coarse8-4")
+    assert len(axes.settings()) == 2 * (2 + 1) * 2
+    with pytest.raises(ValueError):
+        demo_config(build_parser().parse_args(["demo", "--schedules", "linear"]))
+    with pytest.raises(ValueError):
+        demo_config(build_parser().parse_args(["demo", "--steps", "100", "--budgets", "200"]))
     with pytest.raises(ValueError):
         demo_config(build_parser().parse_args(["demo", "--arms", "knn-l2-4"]))   # no vanilla
     with pytest.raises(ValueError):
@@ -194,4 +224,4 @@ def test_effect_command(capsys):
 
     assert main(["effect", "--dims", "2,64", "--ks", "4", "--assign-batch", "8"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\n") >= 5 and "| 64 | knn | l2 | 4 |" in out
+    assert out.count("\n") >= 5 and "| 64 | 1x8x8 | knn | l2 | - | 4 |" in out

@@ -1,6 +1,7 @@
 """Matplotlib (Agg) figures of the demo report. Each function writes one PNG and returns its path."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -34,95 +35,183 @@ def _band(ax, x, curve, color, label, log=True):
 
 def _save(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return path
 
 
-def plot_quality(summary_ds: dict, dataset: str, metric_label: str, out_dir: str) -> str:
-    """Rows: objectives; columns: sampler step counts; sample distance vs training step, mean ± std."""
+def _panels(summary: dict, dataset: str) -> list[tuple[str, str, dict]]:
+    """``(setting key, sampler, setting)`` of every setting of ``dataset`` and each of its samplers."""
+    out = []
+    for key, st in summary.items():
+        if st["dataset"] != dataset:
+            continue
+        for sampler in st["arms"]["vanilla"]["quality"]:
+            out.append((key, sampler, st))
+    return out
+
+
+def _grid(n: int, max_cols: int = 4):
+    cols = min(max_cols, n)
+    return math.ceil(n / cols), cols
+
+
+def _title(key: str, sampler: str) -> str:
+    return key.split("/", 1)[1] + ("" if sampler == "euler" else f", {sampler}")
+
+
+def plot_quality(summary: dict, dataset: str, metric_label: str, gaussian: float, floor: float, out_dir: str) -> str:
+    """Sample distance (most sampler steps) against training step, one panel per setting and sampler."""
     plt = _plt()
-    objs = list(summary_ds)
-    samplers = list(next(iter(summary_ds[objs[0]].values()))["quality"])
-    fig, axes = plt.subplots(len(objs), len(samplers), figsize=(3.3 * len(samplers), 2.9 * len(objs)), squeeze=False)
-    for i, obj in enumerate(objs):
-        colors = arm_colors(summary_ds[obj])
-        for j, s in enumerate(samplers):
-            ax = axes[i][j]
-            for arm, e in summary_ds[obj].items():
-                _band(ax, e["eval_at"], e["quality"][s], colors[arm], arm)
-            ax.set_yscale("log")
-            ax.set_title(f"{obj}, {s}-step sampler", fontsize=9)
-            ax.set_xlabel("training step", fontsize=8)
-            ax.set_ylabel(metric_label, fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{dataset}: sample distance to held-out data (lower is better; mean ± std over seeds)", fontsize=10)
+    panels = _panels(summary, dataset)
+    rows, cols = _grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, sampler, st) in zip(axes.flat, panels):
+        colors = arm_colors(st["arms"])
+        steps = max(st["arms"]["vanilla"]["quality"][sampler], key=int)
+        for arm, e in st["arms"].items():
+            _band(ax, e["eval_at"], e["quality"][sampler][steps], colors[arm], arm)
+        ax.axhline(gaussian, color="grey", ls="--", lw=0.8, label="moment-matched Gaussian")
+        ax.axhline(floor, color="grey", ls=":", lw=0.8, label="floor (data vs data)")
+        ax.set_yscale("log")
+        ax.set_title(f"{_title(key, sampler)}, {steps} steps", fontsize=8)
+        ax.set_xlabel("training step", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].set_ylabel(metric_label, fontsize=7)
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(f"{dataset}: sample distance to held-out data (lower is better; mean ± std over seeds)", fontsize=9)
     return _save(fig, os.path.join(out_dir, f"quality_{dataset}.png"))
 
 
-def plot_final(summary_ds: dict, dataset: str, out_dir: str) -> str:
-    """Final distance of each arm divided by vanilla's, per sampler step count (bars: mean ± std)."""
+def plot_final(summary: dict, dataset: str, out_dir: str) -> str:
+    """Final distance of each arm divided by vanilla's (paired by seed; geometric mean and per-seed range)."""
     plt = _plt()
-    objs = list(summary_ds)
-    fig, axes = plt.subplots(1, len(objs), figsize=(5.5 * len(objs), 3.4), squeeze=False)
-    for i, obj in enumerate(objs):
-        ax, arms = axes[0][i], summary_ds[obj]
-        samplers = list(arms["vanilla"]["quality"])
+    panels = _panels(summary, dataset)
+    rows, cols = _grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, sampler, st) in zip(axes.flat, panels):
+        arms = st["arms"]
+        samplers = list(arms["vanilla"]["quality"][sampler])
         colors = arm_colors(arms)
         width = 0.8 / len(arms)
+        van = arms["vanilla"]
         for a_i, (arm, e) in enumerate(arms.items()):
-            ratios = [np.asarray(e["quality"][s]["final"]) / np.mean(arms["vanilla"]["quality"][s]["final"])
+            ratios = [np.log(np.asarray(e["quality"][sampler][s]["final"]) / np.asarray(van["quality"][sampler][s]["final"]))
                       for s in samplers]
             x = np.arange(len(samplers)) + (a_i - (len(arms) - 1) / 2) * width
-            ax.bar(x, [r.mean() for r in ratios], width, yerr=[r.std(ddof=1) if r.size > 1 else 0 for r in ratios],
-                   color=colors[arm], label=arm, capsize=2)
+            mean = np.exp([r.mean() for r in ratios])
+            lo = mean - np.exp([r.min() for r in ratios])
+            hi = np.exp([r.max() for r in ratios]) - mean
+            ax.bar(x, mean, width, yerr=[lo, hi], color=colors[arm], label=arm, capsize=1.5)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_yscale("log")
-        ax.set_xticks(range(len(samplers)), [f"{s} steps" for s in samplers], fontsize=8)
-        ax.set_ylabel("final distance / vanilla's", fontsize=8)
-        ax.set_title(f"{dataset}, {obj}", fontsize=9)
-    axes[0][-1].legend(fontsize=7)
+        ax.set_xticks(range(len(samplers)), [f"{s} steps" for s in samplers], fontsize=7)
+        ax.set_title(_title(key, sampler), fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].set_ylabel("final distance / vanilla's (same seed)", fontsize=7)
+    axes.flat[min(len(panels), cols) - 1].legend(fontsize=6)
+    fig.suptitle(f"{dataset}: arm / vanilla at the last checkpoint (bars: geometric mean; whiskers: seed range)",
+                 fontsize=9)
     return _save(fig, os.path.join(out_dir, f"final_{dataset}.png"))
 
 
-def plot_training(summary_ds: dict, dataset: str, out_dir: str) -> str:
-    """Per objective: training loss (the arm's own pairing), held-out loss (independent noise), straightness."""
+def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str) -> str:
+    """The robustness matrix: one block per (family, objective); rows arm x metric, columns the cells.
+
+    Colour: mean paired log ratio (blue better, red worse, clipped at 2x); ``*``: the cell alone is
+    significant (paired t, p < 0.05). The row's class is written on the right.
+    """
     plt = _plt()
-    objs = list(summary_ds)
-    fig, axes = plt.subplots(len(objs), 3, figsize=(11, 2.9 * len(objs)), squeeze=False)
-    for i, obj in enumerate(objs):
-        colors = arm_colors(summary_ds[obj])
-        for arm, e in summary_ds[obj].items():
-            _band(axes[i][0], e["loss_at"], e["train_loss"], colors[arm], arm)
-            _band(axes[i][1], e["eval_at"], e["val_loss"], colors[arm], arm)
-            _band(axes[i][2], e["eval_at"], e["straightness"], colors[arm], arm)
-        titles = ("training loss (own pairing)", "held-out loss (independent noise)",
-                  "straightness gap |x_1step - x_manystep|^2/D")
-        for ax, title in zip(axes[i], titles):
-            ax.set_yscale("log")
-            ax.set_title(f"{obj}: {title}", fontsize=8)
-            ax.set_xlabel("training step", fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=7)
-    return _save(fig, os.path.join(out_dir, f"training_{dataset}.png"))
+    from matplotlib.colors import TwoSlopeNorm
+
+    blocks: dict = {}
+    family = {}
+    for r in robust:
+        blocks.setdefault((r["family"], r["objective"]), []).append(r)
+    for c in cells:
+        family.setdefault(c["dataset"], None)
+
+    def col_of(c):
+        parts = [c["dataset"], c["schedule"] if c["objective"] == "ddpm" else "", c["model"], str(c["budget"]),
+                 "" if c["sampler"] == "euler" else c["sampler"].replace("ddim-clip", "clip").replace("ddim", "noclip")]
+        return "/".join(p for p in parts if p)
+
+    layout = []
+    for (fam, obj), rows in blocks.items():
+        members = [c for c in cells if _fam(c, rows) and c["objective"] == obj]
+        cols = sorted({col_of(c) for c in members})
+        layout.append((fam, obj, rows, cols, members))
+    heights = [max(1, len(rows)) * 0.28 + 1.2 for _, _, rows, _, _ in layout]
+    width = max(8.0, 2.5 + 0.32 * max(len(cols) for *_, cols, _ in layout) + 3.5)
+    fig, axes = plt.subplots(len(layout), 1, figsize=(width, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    norm = TwoSlopeNorm(vmin=-math.log(2), vcenter=0.0, vmax=math.log(2))
+    image = None
+    for ax, (fam, obj, rows, cols, members) in zip(axes[:, 0], layout):
+        rows = sorted(rows, key=lambda r: (r["metric"] != "straightness", _steps_of(r["metric"]), r["arm"]))
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for i, r in enumerate(rows):
+            for c in members:
+                if c["arm"] == r["arm"] and c["metric"] == r["metric"]:
+                    j = cols.index(col_of(c))
+                    grid[i, j] = c["mean_log_ratio"]
+                    if c["verdict"] != "n.s.":
+                        ax.text(j, i, "*", ha="center", va="center", fontsize=7)
+        image = ax.imshow(np.clip(grid, -math.log(2), math.log(2)), cmap="coolwarm", norm=norm, aspect="auto")
+        ax.set_yticks(range(len(rows)), [f"{r['arm']} | {r['metric']}" for r in rows], fontsize=6)
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=5)
+        for i, r in enumerate(rows):
+            ax.text(len(cols) - 0.3, i, "  " + r["label"].split(" (")[0], va="center", fontsize=6,
+                    color={"robust-better": "tab:blue", "robust-worse": "tab:red"}.get(r["class"], "black"))
+        ax.set_title(f"{fam} / {obj}", fontsize=8, loc="left")
+    if image is not None:
+        fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, pad=0.25,
+                     label="mean log(arm / vanilla), paired by seed")
+    fig.suptitle("Robustness: sign of the paired effect in every cell (blue better, red worse; * p < 0.05 alone)",
+                 fontsize=9)
+    path = os.path.join(out_dir, "robustness_matrix.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _fam(cell, rows) -> bool:
+    return any(r["arm"] == cell["arm"] and r["metric"] == cell["metric"] and r["objective"] == cell["objective"]
+               and _family_of(cell, r) for r in rows)
+
+
+def _family_of(cell, row) -> bool:
+    from .data import FAMILY
+
+    return FAMILY.get(cell["dataset"], cell["dataset"]) == row["family"]
+
+
+def _steps_of(metric: str) -> int:
+    return int(metric.split("@")[1]) if "@" in metric else -1
 
 
 def plot_noise_and_cost(summary: dict, library_ms: dict, out_dir: str) -> str:
     """Left: |n|^2/D of the noise trained on (N(0, I) gives 1). Right: pairing ms per step."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    datasets = list(summary)
-    arms = list(next(iter(summary[datasets[0]].values())))
+    datasets = list(dict.fromkeys(st["dataset"] for st in summary.values()))
+    arms = list(dict.fromkeys(a for st in summary.values() for a in st["arms"]))
     width = 0.8 / max(1, len(datasets))
     for d_i, ds in enumerate(datasets):
         x = np.arange(len(arms)) + (d_i - (len(datasets) - 1) / 2) * width
-        norms = [np.concatenate([summary[ds][o][a]["noise_sq_norm"] for o in summary[ds]]) for a in arms]
-        axes[0].bar(x, [n.mean() for n in norms], width, yerr=[n.std() for n in norms], label=ds, capsize=2)
-        demo = [np.mean([np.mean(summary[ds][o][a]["pairing_ms"]) for o in summary[ds]]) for a in arms]
-        axes[1].bar(x, np.maximum(demo, 1e-3), width, label=f"{ds}: demo's batched pairing")
+        sts = [st for st in summary.values() if st["dataset"] == ds]
+        norms = [np.concatenate([st["arms"][a]["noise_sq_norm"] for st in sts if a in st["arms"]] or [[np.nan]])
+                 for a in arms]
+        axes[0].bar(x, [np.nanmean(n) for n in norms], width, label=ds)
+        demo = [np.nanmean(np.concatenate([st["arms"][a]["pairing_ms"] for st in sts if a in st["arms"]] or [[np.nan]]))
+                for a in arms]
+        axes[1].bar(x, np.maximum(demo, 1e-3), width, label=f"{ds}: pairing in training")
         if library_ms:
             lib = [library_ms.get(f"{ds}/{a}", np.nan) for a in arms]
             axes[1].scatter(x, np.maximum(lib, 1e-3), marker="x", color="black", zorder=3,
@@ -132,7 +221,7 @@ def plot_noise_and_cost(summary: dict, library_ms: dict, out_dir: str) -> str:
     axes[0].set_title("norm of the noise trained on (sampling starts from N(0, I): 1)", fontsize=9)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("ms per training step", fontsize=8)
-    axes[1].set_title("pairing wall-clock per step (batch of the demo)", fontsize=9)
+    axes[1].set_title("pairing wall-clock per step", fontsize=9)
     for ax in axes:
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=7)
         ax.legend(fontsize=7)
@@ -140,46 +229,67 @@ def plot_noise_and_cost(summary: dict, library_ms: dict, out_dir: str) -> str:
 
 
 def plot_effect(rows: list[dict], out_dir: str) -> str:
-    """Distance reduction and chosen-noise std against D, one line per (mode, metric, k)."""
+    """Distance reduction, chosen-noise std and pooled-space cosine against D, one line per (mode, metric, coarse, k)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    keys = sorted({(r["mode"], r["metric"], r["k"]) for r in rows})
-    for mode, metric, k in keys:
-        sel = sorted((r for r in rows if (r["mode"], r["metric"], r["k"]) == (mode, metric, k)), key=lambda r: r["D"])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    keys = sorted({(r["mode"], r["metric"], r.get("coarse", 0), r["k"]) for r in rows})
+    for mode, metric, coarse, k in keys:
+        sel = sorted((r for r in rows if (r["mode"], r["metric"], r.get("coarse", 0), r["k"]) == (mode, metric, coarse, k)),
+                     key=lambda r: r["D"])
         d = [r["D"] for r in sel]
-        label = f"{mode} {metric} k={k}" + (f" (B={sel[0]['batch']})" if mode == "assign" else "")
-        axes[0].plot(d, [max(r["l2_reduction"], 1e-6) for r in sel], marker="o", label=label)
-        axes[1].plot(d, [r["noise_std"] for r in sel], marker="o", label=label)
+        label = f"{mode} {metric}{f' coarse{coarse}' if coarse else ''} k={k}" + \
+            (f" (B={sel[0]['batch']})" if mode == "assign" else "")
+        ls = "--" if coarse else "-"
+        axes[0].plot(d, [max(r["l2_reduction"], 1e-5) for r in sel], marker="o", ls=ls, label=label)
+        axes[1].plot(d, [r["noise_std"] for r in sel], marker="o", ls=ls, label=label)
+        pooled = [(r["D"], r.get("pooled_cosine", float("nan"))) for r in sel]
+        pooled = [(x, y) for x, y in pooled if math.isfinite(y)]
+        if pooled:
+            axes[2].plot(*zip(*pooled), marker="o", ls=ls, label=label)
     axes[0].set_xscale("log"); axes[0].set_yscale("log")
-    axes[0].set_title("mean L2 distance reduction vs random noise", fontsize=9)
+    axes[0].set_title("mean L2 distance reduction vs random noise (full space)", fontsize=9)
     axes[1].set_xscale("log"); axes[1].axhline(1.0, color="grey", ls="--", lw=0.8)
     axes[1].set_title("std of the chosen noise (N(0, I): 1)", fontsize=9)
+    axes[2].set_xscale("log")
+    axes[2].set_title("cosine after pooling to N x N (N = coarse, else 8)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("D (elements per sample)", fontsize=8)
-        ax.legend(fontsize=7)
+    axes[2].legend(fontsize=6)
     return _save(fig, os.path.join(out_dir, "effect_size.png"))
 
 
-def plot_samples(samples: dict, dataset: str, reference, out_dir: str) -> str:
-    """Samples of the first seed's model, many-step sampler: ``samples[objective][arm]`` (N, D)."""
+def _tile(x: np.ndarray, shape: tuple) -> np.ndarray:
+    """16 samples (16, D) -> one 4 x 4 image grid (H, W) or (H, W, 3) in [0, 1]."""
+    x = np.clip((np.asarray(x, dtype=float)[:16] + 1) / 2, 0, 1)
+    c, h, w = shape
+    imgs = x.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
+    n = imgs.shape[0]
+    imgs = np.concatenate([imgs, np.ones((16 - n, h, w, c))]) if n < 16 else imgs
+    imgs = np.pad(imgs, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=1.0)
+    grid = imgs.reshape(4, 4, h + 2, w + 2, c).transpose(0, 2, 1, 3, 4).reshape(4 * (h + 2), 4 * (w + 2), c)
+    return grid[..., 0] if c == 1 else grid
+
+
+def plot_samples(samples: dict, dataset: str, shape: tuple, reference, out_dir: str) -> str:
+    """Samples of the first seed's models (most sampler steps): ``samples[setting key][arm]`` (16, D)."""
     plt = _plt()
-    objs = list(samples)
-    arms = list(samples[objs[0]])
-    fig, axes = plt.subplots(len(objs), len(arms) + 1, figsize=(2.2 * (len(arms) + 1), 2.3 * len(objs)), squeeze=False)
-    for i, obj in enumerate(objs):
-        panels = [("held-out data", reference)] + [(a, samples[obj][a]) for a in arms]
+    keys = [k for k in samples if k.split("/")[0] == dataset]
+    arms = list(dict.fromkeys(a for k in keys for a in samples[k]))
+    fig, axes = plt.subplots(len(keys), len(arms) + 1, figsize=(1.9 * (len(arms) + 1), 2.0 * len(keys)), squeeze=False)
+    for i, key in enumerate(keys):
+        panels = [("held-out data", reference)] + [(a, samples[key].get(a)) for a in arms]
         for j, (title, x) in enumerate(panels):
             ax = axes[i][j]
-            x = np.asarray(x)
-            if x.shape[1] == 2:
-                ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+            ax.set_xticks([]); ax.set_yticks([])
+            ax.set_title(title if i == 0 else "", fontsize=7)
+            if x is None:
+                ax.axis("off")
+                continue
+            x = np.asarray(x, dtype=float)
+            if len(shape) == 1:
+                ax.scatter(x[:, 0], x[:, 1], s=4)
                 ax.set_xlim(-3.5, 3.5); ax.set_ylim(-3.5, 3.5)
             else:
-                side = round(x.shape[1] ** 0.5)
-                tiles = np.pad(x[:16].reshape(16, side, side), ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)
-                grid = tiles.reshape(4, 4, side + 2, side + 2).transpose(0, 2, 1, 3).reshape(4 * (side + 2), -1)
-                ax.imshow(np.clip(grid, -1, 1), cmap="gray_r", vmin=-1, vmax=1)
-            ax.set_xticks([]); ax.set_yticks([])
-            ax.set_title(title if i == 0 else "", fontsize=8)
-        axes[i][0].set_ylabel(obj, fontsize=9)
+                ax.imshow(_tile(x, shape), cmap="gray_r" if shape[0] == 1 else None, vmin=0, vmax=1)
+        axes[i][0].set_ylabel(key.split("/", 1)[1], fontsize=6)
     return _save(fig, os.path.join(out_dir, f"samples_{dataset}.png"))

@@ -1,5 +1,6 @@
-"""The report folder: ``results.json``, PNG figures and ``report.md`` with a verdict per objective
-and per sampler step count, computed from the runs."""
+"""The report folder: ``results.json``, ``runs.jsonl``, PNG figures and ``report.md``, which leads
+with the robust findings, then the robustness matrix, the baselines (moment-matched Gaussian and
+data-vs-data floor) and the per-setting tables, all computed from the runs."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,24 @@ import math
 import os
 
 from . import plots, stats
+from .data import FAMILY, dataset_shape
 from .effect import format_effect_table
 
-QUALITY_LABEL = {"w2": "exact W2 to held-out data", "fd": "Frechet distance, PCA-16 features"}
-REPORT_FILES = ("report.md", "results.json", "effect_size.png", "noise_and_cost.png")
-PER_DATASET_FILES = ("quality_{}.png", "final_{}.png", "training_{}.png", "samples_{}.png")
+QUALITY_LABEL = {"w2": "exact W2 to held-out data",
+                 "mmd": "MMD² (RBF) on fixed features",
+                 "fd": "Frechet distance on fixed features"}
+FEATURES_LABEL = {
+    "gmm": "exact W2 in data space (D = 2)",
+    "digits": "MMD² (RBF, bandwidths 0.5 and 1 x the median distance) on the 64 penultimate features of a "
+              "digit classifier trained once on the training split",
+    "patches16": "MMD² (RBF, bandwidths 1 and 2 x the median distance) on PCA-32 features of the training "
+                 "split, each axis scaled by 1/sqrt(its std)",
+    "patches32": "MMD² (RBF, bandwidths 1 and 2 x the median distance) on PCA-32 features of the training "
+                 "split, each axis scaled by 1/sqrt(its std)",
+}
+REPORT_FILES = ("report.md", "results.json", "runs.jsonl", "effect_size.png", "noise_and_cost.png",
+                "robustness_matrix.png")
+PER_DATASET_FILES = ("quality_{}.png", "final_{}.png", "samples_{}.png")
 
 
 def expected_files(datasets) -> list[str]:
@@ -24,127 +38,222 @@ def _ms(values) -> str:
     return f"{m:.4g} ± {s:.2g}"
 
 
-def _fmt(m, s) -> str:
-    return f"{m:.4g} ± {s:.2g}"
+def _pct(x: float) -> str:
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{100 * x:+.1f}%" if abs(x) < 0.095 else f"{100 * x:+.0f}%"
+
+
+def _p(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else "n/a"
+
+
+def _metric_label(metric: str) -> str:
+    return metric.replace("quality@", "") + "-step" if metric.startswith("quality@") else metric
+
+
+def robust_lines(robust: list[dict]) -> list[str]:
+    """Bullets of the robust findings first, then the dependencies; one line each."""
+    lines = []
+    for cls, head in (("robust-better", "Robustly better"), ("robust-worse", "Robustly worse")):
+        sel = [r for r in robust if r["class"] == cls]
+        for r in sorted(sel, key=lambda r: (r["family"], r["objective"], r["arm"], _metric_lead(r["metric"]))):
+            lines.append(f"- **{head}**: {r['family']} / {r['objective']} / {_metric_label(r['metric'])}: "
+                         f"**{r['arm']}** (median {_pct(r['rel_median'])}, range {_pct(r['rel_min'])} to "
+                         f"{_pct(r['rel_max'])} over {r['cells']} cells; pooled paired t over {r['units']} "
+                         f"trained pairs, BH-adjusted p = {_p(r['p_bh'])})")
+    if not lines:
+        lines.append("- **No robust finding**: no (data, objective, sampler steps, arm) kept one sign in every cell "
+                     "with a significant pooled paired test.")
+    dep = [r for r in robust if r["class"] == "depends"]
+    for r in sorted(dep, key=lambda r: (r["family"], r["objective"], r["arm"], _metric_lead(r["metric"]))):
+        lines.append(f"- Depends: {r['family']} / {r['objective']} / {_metric_label(r['metric'])}: {r['arm']} "
+                     f"{r['label']} (range {_pct(r['rel_min'])} to {_pct(r['rel_max'])})")
+    return lines
+
+
+def _metric_lead(metric: str) -> tuple:
+    return (metric == "straightness", int(metric.split("@")[1]) if "@" in metric else 0)
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
-    """Headline: per (dataset, objective, metric), which arms are better / worse than vanilla."""
+    """Headline table rows: per (setting, sampler, metric, budget), which arms are better / worse than vanilla."""
     lines = []
-    keys = list(dict.fromkeys((r["dataset"], r["objective"], r["metric"]) for r in rows))
-    for ds, obj, metric in keys:
-        sel = [r for r in rows if (r["dataset"], r["objective"], r["metric"]) == (ds, obj, metric)]
-        better = [f"{r['arm']} ({100 * r['rel_change']:+.0f}%)" for r in sel if r["verdict"] == "better"]
-        worse = [f"{r['arm']} ({100 * r['rel_change']:+.0f}%)" for r in sel if r["verdict"] == "worse"]
-        same = [r["arm"] for r in sel if r["verdict"] == "no significant difference"]
+    keys = list(dict.fromkeys((r["setting"], r["sampler"], r["metric"], r["budget"]) for r in rows))
+    for setting, sampler, metric, budget in keys:
+        sel = [r for r in rows if (r["setting"], r["sampler"], r["metric"], r["budget"]) == (setting, sampler, metric, budget)]
+        better = [f"{r['arm']} ({_pct(r['rel_change'])})" for r in sel if r["verdict"] == "better"]
+        worse = [f"{r['arm']} ({_pct(r['rel_change'])})" for r in sel if r["verdict"] == "worse"]
+        same = [r["arm"] for r in sel if r["verdict"] == "n.s."]
         parts = []
         if better:
             parts.append("**better**: " + ", ".join(better))
         if worse:
             parts.append("**worse**: " + ", ".join(worse))
         if same:
-            parts.append("no significant difference: " + ", ".join(same))
-        label = metric.replace("quality@", "") + "-step sampler" if metric.startswith("quality@") else metric
-        lines.append(f"| {ds} | {obj} | {label} | " + "; ".join(parts) + " |")
+            parts.append("n.s.: " + ", ".join(same))
+        lines.append(f"| {setting} | {sampler} | {_metric_label(metric)} | {budget} | " + "; ".join(parts) + " |")
     return lines
 
 
-def render_markdown(result: dict, figures: dict) -> str:
-    cfg, env, summary, rows = result["config"], result["environment"], result["summary"], result["verdicts"]
-    t = cfg["train"]
-    per_ds = "; ".join(f"{d}: {v['steps']} steps, MLP {v['depth']}x{v['hidden']}"
-                       for d, v in result["train_per_dataset"].items())
-    out = ["# Immiscible diffusion A/B demo", ""]
-    how_to_read = [
-        ("- Sample quality is a distance between generated samples and held-out data in a fixed space: exact W2 "
-         "(optimal assignment) for the 2-D mixture `gmm`, a Frechet distance on PCA-16 features fit on the "
-         "training split for `digits`. Lower is better. The *floor* is the same distance between a training "
-         "subsample and the held-out set: values near it are limited by the sample size, not the model. For `gmm` "
-         "the many-step MMD² (RBF kernel, bandwidth 1) is shown as a second, less biased distance."),
-        ("- Verdict per objective and sampler step count: an arm differs from vanilla only when the final "
-         "mean ± std intervals over seeds do not overlap; then *steps to reach* is the first checkpoint where the "
-         "arm's seed-mean is at or below vanilla's final seed-mean. Welch's p is shown too. With this many "
-         "comparisons, expect some spurious differences at 3 seeds: trust patterns, not single cells."),
-        "- Straightness gap: mean |x(1 step) − x(most steps)|²/D from the same noise; 0 for a straight flow.",
-        ("- Training loss is measured against each arm's own pairing, so it is not comparable across arms; the "
-         "held-out loss uses independent noise for every arm."),
-    ]
-    seeds = f"seeds {cfg['base_seed']}..{cfg['base_seed'] + cfg['seeds'] - 1}"
-    out += [
-        (f"- date: {env['date']}; machine: {env['processor']}, {env['cpu_count']} CPU cores "
-         f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)); {env['platform']}; "
-         f"torch {env['torch']}, python {env['python']}"),
-        f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s",
-        (f"- grid: datasets {', '.join(cfg['datasets'])}; objectives {', '.join(cfg['objectives'])}; "
-         f"arms {', '.join(cfg['arms'])}; {cfg['seeds']} seeds each ({seeds})"),
-        (f"- equal compute: every run of a data set trains the same steps at batch {t['batch_size']} ({per_ds}; "
-         f"Adam lr {t['lr']}, EMA {t['ema_decay']}); every arm of a seed shares initial weights, data batches and "
-         f"diffusion times; evaluation at {t['evals']} checkpoints from the same {t['eval_samples']} starting "
-         f"noises, samplers with {', '.join(map(str, t['sampler_steps']))} steps (DDIM for ddpm, Euler for flow)"),
-        "", "## How to read this", "", *how_to_read, ""]
-    out += ["## Verdicts", "", "| dataset | objective | metric | verdict vs vanilla |", "|---|---|---|---|"]
-    out += summary_lines(rows)
+def robustness_table(robust: list[dict]) -> list[str]:
+    out = ["| data | objective | metric | arm | class | cells better / worse / n.s. | change (median, range) "
+           "| pooled p (BH) | sign flips along |", "|---|---|---|---|---|---|---|---:|---|"]
+    order = {"robust-better": 0, "robust-worse": 1, "depends": 2, "none": 3}
+    for r in sorted(robust, key=lambda r: (order[r["class"]], r["family"], r["objective"], r["arm"],
+                                           _metric_lead(r["metric"]))):
+        ns = r["cells"] - r["n_better"] - r["n_worse"]
+        cls = {"robust-better": "**robustly better**", "robust-worse": "**robustly worse**",
+               "depends": "depends"}.get(r["class"], r["label"].split(" (")[0])
+        out.append(f"| {r['family']} | {r['objective']} | {_metric_label(r['metric'])} | {r['arm']} | {cls} "
+                   f"| {r['n_better']} / {r['n_worse']} / {ns} | {_pct(r['rel_median'])} ({_pct(r['rel_min'])} to "
+                   f"{_pct(r['rel_max'])}) | {_p(r['p_bh'])} | {', '.join(r['flips']) or '-'} |")
+    return out
+
+
+def baseline_lines(result: dict) -> list[str]:
+    """Does every arm beat the moment-matched Gaussian? One row per setting and sampler, most steps, last checkpoint."""
+    out = ["| setting | sampler | steps | floor (data vs data) | moment-matched Gaussian | best arm | worst arm "
+           "| every arm beats the Gaussian |", "|---|---|---:|---:|---:|---|---|---|"]
+    for key, st in result["summary"].items():
+        ds = st["dataset"]
+        g, f = result["gaussian"][ds], result["floors"][ds]
+        for sampler in st["arms"]["vanilla"]["quality"]:
+            steps = max(st["arms"]["vanilla"]["quality"][sampler], key=int)
+            means = {a: stats.mean_std(e["quality"][sampler][steps]["final"])[0] for a, e in st["arms"].items()}
+            best, worst = min(means, key=means.get), max(means, key=means.get)
+            ok = all(m < g for m in means.values())
+            out.append(f"| {key} | {sampler} | {steps} | {f:.4g} | {g:.4g} | {best} {means[best]:.4g} "
+                       f"| {worst} {means[worst]:.4g} | {'yes' if ok else '**no**'} |")
+    return out
+
+
+def setting_tables(result: dict, key: str, st: dict) -> list[str]:
+    ds = st["dataset"]
+    g, f = result["gaussian"][ds], result["floors"][ds]
+    arms = st["arms"]
+    out = [f"### {key}", ""]
+    for sampler in arms["vanilla"]["quality"]:
+        samplers = list(arms["vanilla"]["quality"][sampler])
+        out += [f"Sampler `{sampler}`, last checkpoint ({arms['vanilla']['eval_at'][-1]} steps), mean ± std over seeds "
+                f"(lower is better):", "",
+                "| arm | " + " | ".join(f"{s} steps" for s in samplers) + " | straightness gap |",
+                "|---|" + "---:|" * (len(samplers) + 1)]
+        for arm, e in arms.items():
+            cells = [_ms(e["quality"][sampler][s]["final"]) for s in samplers] + [_ms(e["straightness"][sampler]["final"])]
+            out.append(f"| {arm} | " + " | ".join(cells) + " |")
+        out.append("| *moment-matched Gaussian* | " + " | ".join(f"{g:.4g}" for _ in samplers) + " | |")
+        out.append("| *floor (data vs data)* | " + " | ".join(f"{f:.4g}" for _ in samplers) + " | |")
+        out.append("")
+    rows = [r for r in result["verdicts"] if r["setting"] == key]
+    if rows:
+        out += ["Against vanilla, paired by seed (change = geometric-mean ratio − 1; paired t on log ratios):", "",
+                "| sampler | metric | budget | arm | arm | vanilla | change | paired p | verdict |",
+                "|---|---|---:|---|---:|---:|---:|---:|---|"]
+        for r in rows:
+            out.append(f"| {r['sampler']} | {_metric_label(r['metric'])} | {r['budget']} | {r['arm']} "
+                       f"| {r['arm_mean']:.4g} ± {r['arm_std']:.2g} | {r['vanilla_mean']:.4g} ± {r['vanilla_std']:.2g} "
+                       f"| {_pct(r['rel_change'])} | {_p(r['p_paired'])} | {r['verdict']} |")
+        out.append("")
+    out += ["Training statistics:", "",
+            "| arm | final train loss | final held-out loss | ‖n‖²/D | ‖x0−n‖²/D | cos(x0, n) | cos pooled 4×4 "
+            "| pairing ms/step | select_noise ms/call (library) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for arm, e in arms.items():
+        lib = result["library_ms"].get(f"{ds}/{arm}")
+        pooled = _ms(e["pair_cosine_pooled"]) if all(math.isfinite(v) for v in e["pair_cosine_pooled"]) else "n/a"
+        out.append(f"| {arm} | {_ms(e['train_loss']['final'])} | {_ms(e['val_loss']['final'])} "
+                   f"| {_ms(e['noise_sq_norm'])} | {_ms(e['pair_sq_dist'])} | {_ms(e['pair_cosine'])} | {pooled} "
+                   f"| {_ms(e['pairing_ms'])} | {f'{lib:.3g}' if lib is not None else 'n/a'} |")
     out.append("")
-    for ds, objs in summary.items():
-        floor = result["floors"].get(ds)
-        out += [f"## {ds}", "", f"Quality metric: {QUALITY_LABEL[result['quality_kind'][ds]]}"
-                + (f"; floor (data vs data) {floor:.4g}." if floor is not None else "."), ""]
-        for obj, arms in objs.items():
-            samplers = list(arms["vanilla"]["quality"])
-            has_mmd = all(math.isfinite(v) for e in arms.values() for v in e["mmd"]["final"])
-            out += [f"### {ds} / {obj}", "", "Final sample distance (mean ± std over seeds):", "",
-                    "| arm | " + " | ".join(f"{s} steps" for s in samplers) + " | straightness gap |"
-                    + (f" MMD² ({samplers[-1]} steps) |" if has_mmd else ""),
-                    "|---|" + "---:|" * (len(samplers) + 1 + has_mmd)]
-            for arm, e in arms.items():
-                cells = [_ms(e["quality"][s]["final"]) for s in samplers] + [_ms(e["straightness"]["final"])]
-                cells += [_ms(e["mmd"]["final"])] if has_mmd else []
-                out.append(f"| {arm} | " + " | ".join(cells) + " |")
-            out += ["", "Verdict against vanilla:", "", "| arm | metric | arm | vanilla | Welch p | steps to reach vanilla's final | verdict |",
-                    "|---|---|---:|---:|---:|---:|---|"]
-            for r in rows:
-                if r["dataset"] == ds and r["objective"] == obj:
-                    p = f"{r['p_welch']:.3f}" if math.isfinite(r["p_welch"]) else "n/a"
-                    reach = r["reach_step"] if r["reach_step"] is not None else "never"
-                    out.append(f"| {r['arm']} | {r['metric']} | {_fmt(r['arm_mean'], r['arm_std'])} "
-                               f"| {_fmt(r['vanilla_mean'], r['vanilla_std'])} | {p} | {reach} (vanilla {r['vanilla_reach_step']}) "
-                               f"| {r['verdict']} ({100 * r['rel_change']:+.1f}%) |")
-            out += ["", "Training statistics:", "",
-                    "| arm | final train loss | final held-out loss | ‖n‖²/D | ‖x0−n‖²/D | cos(x0, n) | pairing ms/step (demo) | select_noise ms/call (library) |",
-                    "|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for arm, e in arms.items():
-                lib = result["library_ms"].get(f"{ds}/{arm}")
-                out.append(f"| {arm} | {_ms(e['train_loss']['final'])} | {_ms(e['val_loss']['final'])} "
-                           f"| {_ms(e['noise_sq_norm'])} | {_ms(e['pair_sq_dist'])} | {_ms(e['pair_cosine'])} "
-                           f"| {_ms(e['pairing_ms'])} | {f'{lib:.3g}' if lib is not None else 'n/a'} |")
-            out.append("")
-        for key in ("quality", "final", "training", "samples"):
-            name = figures.get(f"{key}_{ds}")
+    return out
+
+
+def render_markdown(result: dict, figures: dict) -> str:
+    cfg, env, summary = result["config"], result["environment"], result["summary"]
+    t = cfg["train"]
+    load = env.get("load_average")
+    load_text = f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min)" if load else ""
+    per_ds = "; ".join(f"{d}: {v['steps']} steps (read at {', '.join(map(str, sorted(set(v['budgets']) | {v['steps']})))}), "
+                       f"width {v['hidden']}, depth {v['depth']}, {v['eval_samples']} evaluation samples"
+                       for d, v in result["train_per_dataset"].items())
+    out = ["# Immiscible diffusion A/B demo", "",
+           (f"- date: {env['date']}; machine: {env['processor']}, {env['cpu_count']} CPU cores "
+            f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)){load_text}; {env['platform']}; "
+            f"torch {env['torch']}, python {env['python']}"),
+           f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s "
+           f"(training {result['train_wall_seconds']:.0f} s)",
+           f"- settings: {', '.join(summary)}",
+           "- arms: " + "; ".join(f"{d}: {', '.join(a)}" for d, a in _arms_by_dataset(result).items()),
+           (f"- equal compute: {per_ds}; batch {t['batch_size']}, Adam lr {t['lr']}, EMA {t['ema_decay']}; every "
+            f"arm of a seed shares initial weights, data batches and diffusion times; evaluation from the same "
+            f"starting noises with {', '.join(map(str, t['sampler_steps']))} sampler steps (Euler for flow; DDIM for "
+            f"ddpm with x0 clipping {' and '.join(t['clip'])})"),
+           "", "## Robust findings", "",
+           ("Each row is one (data, objective, sampler steps, arm), its cells every dataset size, DDPM schedule, "
+            "model, training budget and DDIM clipping tried. *Robustly better/worse*: the paired (same-seed) change "
+            "against vanilla has one sign in every cell and a pooled paired t-test over the independent trained "
+            "pairs is significant after Benjamini-Hochberg across all rows (q = 0.05). *Depends on X*: significantly "
+            "better in some cell and significantly worse in another (paired t on the seeds of that cell, p < 0.05); "
+            "X names the axes along which the sign flips."), ""]
+    out += robust_lines(result["robustness"])
+    out += ["", f"![robustness matrix]({figures['robustness_matrix']})", "",
+            "## Robustness classification", ""] + robustness_table(result["robustness"])
+    out += ["", "## Baselines: does every arm beat the moment-matched Gaussian?", "",
+            ("The quality metric must tell a model from a Gaussian with the data's mean and covariance. "
+             "Floor: a training subsample against the held-out set (the best a model can score at this sample size). "
+             "Gaussian: the moment-matched Gaussian against the held-out set. Most sampler steps, last checkpoint."), ""]
+    out += baseline_lines(result)
+    out += ["", "Quality metrics:", ""]
+    out += [f"- `{d}`: {FEATURES_LABEL.get(d, QUALITY_LABEL[result['quality_kind'][d]])}; floor "
+            f"{result['floors'][d]:.4g}, moment-matched Gaussian {result['gaussian'][d]:.4g}" for d in result["floors"]]
+    out += ["", "## Verdicts per cell", "", "| setting | sampler | metric | budget | verdict vs vanilla (paired t, p < 0.05) |",
+            "|---|---|---|---:|---|"]
+    out += summary_lines(result["verdicts"])
+    out.append("")
+    for ds in dict.fromkeys(st["dataset"] for st in summary.values()):
+        out += [f"## {ds}", ""]
+        for key, st in summary.items():
+            if st["dataset"] == ds:
+                out += setting_tables(result, key, st)
+        for kind in ("quality", "final", "samples"):
+            name = figures.get(f"{kind}_{ds}")
             if name:
-                out += [f"![{key} {ds}]({name})", ""]
+                out += [f"![{kind} {ds}]({name})", ""]
     out += ["## Effect size against D and k", "",
-            ("`immiscible.select_noise` on standard-normal latents (a latent that looks like noise). "
-             "Reduction is of the distance between latent and chosen noise, against the mean over candidates."), "",
-            format_effect_table(result["effect"]), "", f"![effect size]({figures['effect_size']})", "",
+            ("`immiscible.select_noise` on standard-normal latents shaped as images (D = 64: 1x8x8, 768: 3x16x16, "
+             "3072: 3x32x32, 16384: 4x64x64, 65536: 16x64x64, 262144: 16x128x128). Reduction is of the distance "
+             "between latent and chosen noise, against the mean over candidates, in the full space; the pooled "
+             "cosine is between noise and latent after both are average-pooled to N x N (N = the row's coarse, else 8)."),
+            "", format_effect_table(result["effect"]), "", f"![effect size]({figures['effect_size']})", "",
             f"![noise and cost]({figures['noise_and_cost']})", ""]
     return "\n".join(out)
+
+
+def _arms_by_dataset(result: dict) -> dict:
+    out: dict = {}
+    for st in result["summary"].values():
+        out.setdefault(st["dataset"], list(st["arms"]))
+    return out
 
 
 def write_report(out_dir: str, result: dict, samples: dict, references: dict) -> list[str]:
     """Write every report file into ``out_dir``; returns their paths.
 
-    ``samples[dataset][objective][arm]`` holds the first seed's final samples, ``references[dataset]``
-    the held-out points shown beside them.
+    ``samples[setting key][arm]`` holds the first seed's final samples, ``references[dataset]``
+    held-out samples shown beside them.
     """
     os.makedirs(out_dir, exist_ok=True)
     figures = {}
-    for ds, objs in result["summary"].items():
+    summary = result["summary"]
+    for ds in dict.fromkeys(st["dataset"] for st in summary.values()):
         label = QUALITY_LABEL[result["quality_kind"][ds]]
-        figures[f"quality_{ds}"] = plots.plot_quality(objs, ds, label, out_dir)
-        figures[f"final_{ds}"] = plots.plot_final(objs, ds, out_dir)
-        figures[f"training_{ds}"] = plots.plot_training(objs, ds, out_dir)
-        figures[f"samples_{ds}"] = plots.plot_samples(samples[ds], ds, references[ds], out_dir)
-    figures["noise_and_cost"] = plots.plot_noise_and_cost(result["summary"], result["library_ms"], out_dir)
+        figures[f"quality_{ds}"] = plots.plot_quality(summary, ds, label, result["gaussian"][ds], result["floors"][ds],
+                                                      out_dir)
+        figures[f"final_{ds}"] = plots.plot_final(summary, ds, out_dir)
+        figures[f"samples_{ds}"] = plots.plot_samples(samples, ds, dataset_shape(ds), references[ds], out_dir)
+    figures["robustness_matrix"] = plots.plot_robustness(result["robustness"], result["verdicts"], out_dir)
+    figures["noise_and_cost"] = plots.plot_noise_and_cost(summary, result["library_ms"], out_dir)
     figures["effect_size"] = plots.plot_effect(result["effect"], out_dir)
     figures = {k: os.path.basename(v) for k, v in figures.items()}
     md = os.path.join(out_dir, "report.md")
@@ -153,10 +262,13 @@ def write_report(out_dir: str, result: dict, samples: dict, references: dict) ->
     js = os.path.join(out_dir, "results.json")
     with open(js, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1, default=_json_default, allow_nan=True)
-    return [md, js] + [os.path.join(out_dir, v) for v in figures.values()]
+    return [md, js, os.path.join(out_dir, "runs.jsonl")] + [os.path.join(out_dir, v) for v in figures.values()]
 
 
 def _json_default(o):
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+__all__ = ["FAMILY", "expected_files", "render_markdown", "robust_lines", "summary_lines", "write_report"]

@@ -1,0 +1,195 @@
+"""The lab's axes: image data, model families, DDPM schedules and clipping, coarse arms, the
+paired statistics and the robustness classification, and --resume."""
+import json
+import math
+
+import pytest
+import torch
+
+import immiscible
+from immiscible_lab.experiment import diffusion, stats
+from immiscible_lab.experiment.data import image_patches, load_dataset, moment_matched_gaussian
+from immiscible_lab.experiment.models import ResMLPDenoiser, build_model
+from immiscible_lab.experiment.pairing import Arm, pair_noise, parse_arm
+
+pytest.importorskip("scipy")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_patches_are_fixed_disjoint_and_in_range(size):
+    pytest.importorskip("sklearn")
+    train, held = image_patches(size)
+    again, _ = image_patches(size)
+    assert torch.equal(train, again)
+    assert train.shape[1] == held.shape[1] == 3 * size * size
+    assert held.shape[0] >= 512 and train.shape[0] > 3 * held.shape[0]
+    assert train.min() >= -1 and train.max() <= 1
+    # no held-out patch is also a training patch (blocks are split, patches never cross a block)
+    sample = held[:: max(1, held.shape[0] // 64)]
+    assert torch.cdist(sample, train).min() > 0
+
+
+def test_patch_datasets():
+    pytest.importorskip("sklearn")
+    d = load_dataset("patches16")
+    assert d.shape == (3, 16, 16) and d.dim == 768 and d.family == "patches" and d.side == 16
+    assert d.features(d.holdout[:10]).shape == (10, 32) and len(d.bandwidths) == 2
+    assert load_dataset("patches16") is d   # cached: workers load each data set once
+
+
+def test_moment_matched_gaussian_is_seeded():
+    d = load_dataset("gmm")
+    assert torch.equal(moment_matched_gaussian(d, 8, seed=1), moment_matched_gaussian(d, 8, seed=1))
+
+
+# --------------------------------------------------------------------------- models and samplers
+
+
+def test_resmlp_shapes_and_zero_skip_at_init():
+    gen = torch.Generator().manual_seed(0)
+    net = ResMLPDenoiser(12, hidden=16, depth=2, generator=gen)
+    x, t = torch.randn(5, 12), torch.rand(5)
+    assert net(x, t).shape == (5, 12)
+    assert float(net.skip.weight.detach().abs().sum() + net.skip.bias.detach().abs().sum()) == 0.0
+    a = build_model("resmlp", 12, hidden=16, depth=2, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), net.parameters()))
+    with pytest.raises(ValueError):
+        build_model("unet", 12, hidden=16, depth=2, generator=gen)
+
+
+def test_schedules():
+    sl, cos = diffusion.alpha_bar_for("scaled-linear"), diffusion.alpha_bar_for("cosine")
+    assert sl.shape == cos.shape == (1000,)
+    assert bool((cos[1:] <= cos[:-1]).all()) and float(cos[0]) > 0.999 and float(cos[-1]) < 1e-6
+    assert float(cos[500]) == pytest.approx(math.cos((0.501 + 0.008) / 1.008 * math.pi / 2) ** 2
+                                            / math.cos(0.008 / 1.008 * math.pi / 2) ** 2, rel=1e-3)
+    with pytest.raises(ValueError):
+        diffusion.alpha_bar_for("linear")
+
+
+def test_ddim_clipping_bounds_the_one_step_sample():
+    ab = diffusion.alpha_bar_for("cosine")
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+
+    def zero_eps(x, t):     # a poor model: x0_hat = x / sqrt(ab_T) explodes under the cosine schedule
+        return torch.zeros_like(x)
+
+    free = diffusion.sample_ddim(zero_eps, noise, 1, ab)
+    clipped = diffusion.sample_ddim(zero_eps, noise, 1, ab, clip=True)
+    assert free.abs().max() > 100 and clipped.abs().max() <= 1.0
+    assert diffusion.samplers_for("ddpm", ("off", "on")) == ("ddim", "ddim-clip")
+    assert diffusion.samplers_for("flow", ("off", "on")) == ("euler",)
+
+
+# --------------------------------------------------------------------------- coarse arms
+
+
+def test_coarse_arm_is_the_library_selection_on_image_shaped_latents():
+    x = torch.randn(6, 3 * 8 * 8, generator=torch.Generator().manual_seed(0))
+    arm = parse_arm("knn-coarse4-8")
+    ours = pair_noise(x, arm, generator=torch.Generator().manual_seed(5), shape=(3, 8, 8))
+    seed = immiscible.draw_seed(torch.Generator().manual_seed(5))
+    ref = immiscible.select_noise(x.view(6, 3, 8, 8), 8, seed=seed, coarse=4, backend="torch")
+    assert torch.equal(ours, ref.reshape(6, -1))
+    # coarse changes the choice, not the candidates: same seed without coarse differs
+    plain = pair_noise(x, Arm("knn", 8), generator=torch.Generator().manual_seed(5), shape=(3, 8, 8))
+    assert not torch.equal(ours, plain)
+
+
+def test_coarse_arms_apply_to_images_of_at_least_n():
+    assert parse_arm("knn-coarse8-4").applies_to((3, 16, 16))
+    assert not parse_arm("knn-coarse8-4").applies_to((1, 8, 8))   # the identity pooling: plain knn
+    assert not parse_arm("knn-coarse16-4").applies_to((1, 8, 8))
+    assert not parse_arm("knn-coarse2-4").applies_to((2,))
+    assert parse_arm("knn-l2-4").applies_to((2,))
+    assert parse_arm("knn-coarse8-cosine-4").name == "knn-coarse8-cosine-4"
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_benjamini_hochberg_known_values():
+    adj = stats.benjamini_hochberg([0.01, 0.04, 0.03, float("nan"), 0.5])
+    # sorted 0.01, 0.03, 0.04, 0.5 (m = 4): 0.04, 0.06, 0.0533, 0.5, then the running minimum from the top
+    assert adj[0] == pytest.approx(0.04) and adj[2] == pytest.approx(0.04 * 4 / 3) and adj[1] == pytest.approx(0.04 * 4 / 3)
+    assert math.isnan(adj[3]) and adj[4] == pytest.approx(0.5)
+
+
+def _cell(arm_vals, van_vals, **axes):
+    c = stats.paired_compare(dict(enumerate(arm_vals)), dict(enumerate(van_vals)))
+    base = {"dataset": "digits", "objective": "ddpm", "schedule": "scaled-linear", "model": "mlp", "budget": 1000,
+            "sampler": "ddim", "metric": "quality@8", "arm": "a"}
+    base.update(axes)
+    c.update(base)
+    return c
+
+
+def test_robustness_classes():
+    van = [1.0, 2.0, 4.0]
+    half = [0.5, 1.05, 1.9]
+    double = [2.1, 3.9, 8.2]
+    same = [1.0, 2.0, 4.0]
+    cells = []
+    # arm a: better in every cell (two schedules x two budgets)
+    for sched in ("scaled-linear", "cosine"):
+        for budget in (1000, 4000):
+            cells.append(_cell(half, van, schedule=sched, budget=budget, arm="a"))
+    # arm b: better at 1000 steps, worse at 4000 (both schedules)
+    for sched in ("scaled-linear", "cosine"):
+        cells.append(_cell(half, van, schedule=sched, budget=1000, arm="b"))
+        cells.append(_cell(double, van, schedule=sched, budget=4000, arm="b"))
+    # arm c: nothing
+    for sched in ("scaled-linear", "cosine"):
+        cells.append(_cell([1.01, 1.98, 4.02], same, schedule=sched, arm="c"))
+    rows = {r["arm"]: r for r in stats.robustness(cells, {"digits": "digits"})}
+    assert rows["a"]["class"] == "robust-better" and rows["a"]["units"] == 6
+    assert rows["b"]["class"] == "depends" and rows["b"]["flips"] == ["budget"]
+    assert "depends on budget" in rows["b"]["label"]
+    assert rows["c"]["class"] == "none" and rows["c"]["label"].startswith("no effect")
+
+
+# --------------------------------------------------------------------------- presets and resume
+
+
+def test_full_preset_covers_every_axis():
+    from immiscible_lab.experiment.runner import preset
+
+    cfg = preset("full").validate()
+    settings = cfg.settings()
+    assert {s.dataset for s in settings} == {"gmm", "digits", "patches16", "patches32"}
+    assert {s.schedule for s in settings if s.dataset == "digits"} == {"-", "scaled-linear", "cosine"}
+    assert {s.model for s in settings if s.dataset == "digits"} == {"mlp", "resmlp"}
+    assert cfg.train.clip == ("off", "on") and all(cfg.train_for(d).budgets for d in cfg.datasets)
+    arms = {a for d in cfg.datasets for a in cfg.arms_for(d)}
+    assert {"knn-cosine-4", "knn-coarse8-4", "knn-coarse4-4", "assign-l2-1"} <= arms
+    assert "knn-coarse8-4" not in cfg.arms_for("digits")   # 8x8 pooling of an 8x8 image is plain knn
+
+
+def test_resume_keeps_finished_runs(tmp_path, monkeypatch):
+    from immiscible_lab.experiment import runner
+
+    cfg = runner.preset("tiny")
+    cfg = runner.replace(cfg, out=str(tmp_path), objectives=("flow",), arms=("vanilla", "knn-l2-4")).validate()
+    first = runner.run_grid(cfg)
+    lines = (tmp_path / runner.RUNS_FILE).read_text().splitlines()
+    assert len(lines) == len(first) == 4 and all("key" in json.loads(x) for x in lines)
+    # an interrupted grid: drop the last record and tear the line before it
+    (tmp_path / runner.RUNS_FILE).write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    kept = runner.load_finished(str(tmp_path / runner.RUNS_FILE))
+    assert len(kept) == 2
+    calls = []
+    real = runner._run_one
+    monkeypatch.setattr(runner, "_run_one", lambda task, progress=None: calls.append(task) or real(task, progress))
+    again = runner.run_grid(runner.replace(cfg, resume=True))
+    def strip(runs):   # wall-clock fields differ between two trainings of the same run (and NaN != NaN)
+        return json.dumps([{k: v for k, v in r.items() if k not in ("train_seconds", "pairing_ms")} for r in runs])
+
+    assert len(calls) == 2 and strip(again) == strip(first)
+    assert all(json.dumps(run) in {json.dumps(r) for r in again} for run in kept.values())  # kept as recorded
+    # without --resume the grid starts over
+    calls.clear()
+    runner.run_grid(cfg)
+    assert len(calls) == 4
