@@ -49,7 +49,7 @@ def _add_demo(sub):
     g.add_argument("--seeds", type=int, help="seeds per arm (default 3)")
     g.add_argument("--base-seed", type=int, help="first seed (default 0)")
     t = p.add_argument_group("training (the same for every arm)")
-    t.add_argument("--steps", type=int, help="training steps per run, every data set (default: gmm 1000, digits 4000)")
+    t.add_argument("--steps", type=int, help="training steps per run, every data set (default: gmm 1000, digits 3000)")
     t.add_argument("--budgets", type=_csv(int),
                    help="training steps at which verdicts are also read, from checkpoints of the same runs "
                         "(default: gmm 250, digits 1000; the last step always counts)")
@@ -62,7 +62,8 @@ def _add_demo(sub):
     e.add_argument("--evals", type=int, help="evaluation checkpoints per run (default 6)")
     e.add_argument("--eval-samples", type=int, help="samples per evaluation (default 512)")
     e.add_argument("--sampler-steps", type=_csv(int), help="sampler step counts (default 1,8,32)")
-    e.add_argument("--clip", type=_csv(str), help="DDIM x0 clipping to [-1, 1] evaluated for ddpm: off,on (default both)")
+    e.add_argument("--clip", type=_csv(str), help="DDIM x0 clipping to [-1, 1] (eps re-derived) evaluated for ddpm on "
+                                                 "the image data sets: off,on (default both)")
     e.add_argument("--effect-dims", type=_csv(int), help="D values of the effect-size table")
     e.add_argument("--effect-ks", type=_csv(int), help="k values of the effect-size table (default 4,64)")
     e.add_argument("--effect-coarse", type=_csv(int), help="coarse N values of the effect-size table (default 4,8)")

@@ -199,7 +199,7 @@ def test_cli_overrides_and_validation():
                                       "--datasets", "gmm", "--sampler-steps", "4,1"])
     default = demo_config(build_parser().parse_args(["demo"]))
     assert default.seeds >= 3 and "knn-coarse4-4" in default.arms and default.objectives == ("ddpm", "flow")
-    assert default.train_for("digits").budgets == (1000,) and default.train_for("digits").steps == 4000
+    assert default.train_for("digits").budgets == (1000,) and default.train_for("digits").steps == 3000
     cfg = demo_config(args)
     assert cfg.train_for("gmm").steps == 7 and cfg.arms == ("vanilla", "knn-l2-4") and cfg.seeds == 2
     assert cfg.train.sampler_steps == (1, 4) and cfg.train_for("gmm").budgets == ()

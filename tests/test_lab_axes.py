@@ -81,6 +81,23 @@ def test_ddim_clipping_bounds_the_one_step_sample():
     clipped = diffusion.sample_ddim(zero_eps, noise, 1, ab, clip=True)
     assert free.abs().max() > 100 and clipped.abs().max() <= 1.0
     assert diffusion.samplers_for("ddpm", ("off", "on")) == ("ddim", "ddim-clip")
+
+
+@pytest.mark.parametrize("schedule", diffusion.SCHEDULES)
+def test_clipped_ddim_is_exact_for_a_point_mass_inside_the_range(schedule):
+    """Clipping leaves an in-range x0 alone and eps is re-derived from it: the exact field of a
+    point mass c in [-1, 1] is still sampled exactly, at any step count."""
+    ab = diffusion.alpha_bar_for(schedule)
+    c = torch.tensor([[0.5, -0.9, 0.0]])
+    noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+
+    def epsilon(x, t):
+        a = ab[(t * diffusion.DDPM_T).round().long()][:, None]
+        return (x - a.sqrt() * c) / (1 - a).sqrt()
+
+    for steps in (1, 8, 32):
+        out = diffusion.sample_ddim(epsilon, noise, steps, ab, clip=True)
+        assert torch.allclose(out, c.expand(6, 3), atol=1e-3)
     assert diffusion.samplers_for("flow", ("off", "on")) == ("euler",)
 
 

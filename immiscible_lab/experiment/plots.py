@@ -142,12 +142,15 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str) -> str:
                  "" if c["sampler"] == "euler" else c["sampler"].replace("ddim-clip", "clip").replace("ddim", "noclip")]
         return "/".join(p for p in parts if p)
 
+    def col_key(c):
+        return (c["dataset"], c["schedule"], c["model"], int(c["budget"]), c["sampler"])
+
     layout = []
     for (fam, obj), rows in blocks.items():
         members = [c for c in cells if _fam(c, rows) and c["objective"] == obj]
-        cols = sorted({col_of(c) for c in members})
+        cols = list(dict.fromkeys(col_of(c) for c in sorted(members, key=col_key)))
         layout.append((fam, obj, rows, cols, members))
-    heights = [max(1, len(rows)) * 0.28 + 1.2 for _, _, rows, _, _ in layout]
+    heights = [max(1, len(rows)) * 0.28 + 1.9 for _, _, rows, _, _ in layout]
     width = max(8.0, 2.5 + 0.32 * max(len(cols) for *_, cols, _ in layout) + 3.5)
     fig, axes = plt.subplots(len(layout), 1, figsize=(width, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
@@ -170,11 +173,11 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str) -> str:
             ax.text(len(cols) - 0.3, i, "  " + r["label"].split(" (")[0], va="center", fontsize=6,
                     color={"robust-better": "tab:blue", "robust-worse": "tab:red"}.get(r["class"], "black"))
         ax.set_title(f"{fam} / {obj}", fontsize=8, loc="left")
+    axes[0, 0].set_title("Robustness: the paired effect in every cell (blue better, red worse; * significant alone)\n"
+                         f"{layout[0][0]} / {layout[0][1]}", fontsize=8, loc="left")
     if image is not None:
-        fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, pad=0.25,
+        fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=min(0.6, 6.0 / sum(heights) + 0.1), pad=0.25,
                      label="mean log(arm / vanilla), paired by seed")
-    fig.suptitle("Robustness: sign of the paired effect in every cell (blue better, red worse; * p < 0.05 alone)",
-                 fontsize=9)
     path = os.path.join(out_dir, "robustness_matrix.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
