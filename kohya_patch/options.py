@@ -12,9 +12,10 @@ from immiscible_host.options import Settings, add_immiscible_arguments
 K_HELP = (
     "Immiscible Diffusion: pair each latent with the nearest of K Gaussian noise candidates; "
     "1 = off (default). "
-    "Recommended 64 for SD1.x/SD2.x/SDXL, 4 for flow-matching models (FLUX, SD3, Lumina) "
+    "Recommended 4 for flow-matching models (FLUX, SD3, Lumina); for SD1.x/SD2.x/SDXL (eps-prediction) no "
+    "recommendation: the papers released 64, our A/B found it worse "
     "/ Immiscible Diffusion：各latentをK個のガウスノイズ候補のうち最も近いものと組み合わせる。1で無効（デフォルト）。"
-    "SD1.x/SD2.x/SDXLは64、flow matchingモデル（FLUX、SD3、Lumina）は4を推奨")
+    "flow matchingモデル（FLUX、SD3、Lumina）は4を推奨。SD1.x/SD2.x/SDXL（ε予測）は推奨値なし（論文の値は64、当方のA/Bでは悪化）")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
