@@ -1,6 +1,6 @@
 """Benchmark: naive materialized KNN vs the torch backend vs the fused Triton kernel, in one run.
 
-    python -m immiscible_lab.bench [--quick] [--device cpu|cuda] [--json PATH]
+    python -m immiscible_lab.bench [--quick] [--device cpu|cuda] [--json PATH] [--coarse N]
 
 Prints a table of median time and peak extra memory per implementation, with ratios to the
 naive baseline (which materializes ``[B, k, D]`` candidates and scores them in fp32, as
@@ -47,11 +47,29 @@ def naive_knn(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return cands[torch.arange(x.shape[0], device=x.device), dist.argmin(1)]
 
 
-def _impls(device: str) -> dict[str, Callable]:
+def image_shape(numel: int, side_at_least: int = 1) -> tuple[int, int, int] | None:
+    """``(C, H, H)`` with ``C * H * H == numel``, C one of 16, 4, 3, 1 (latent or pixel channels); None if none fits."""
+    for channels in (16, 4, 3, 1):
+        side = round((numel // channels) ** 0.5)
+        if channels * side * side == numel and side >= side_at_least:
+            return channels, side, side
+    return None
+
+
+def _coarse(n: int) -> Callable:
+    """Coarse selection (``coarse=n``) on the flat latents viewed as ``[B, C, H, H]``."""
+    def select(x, k, seed, backend="torch"):
+        return select_noise(x.view(x.shape[0], *image_shape(x.shape[1], n)), k, seed=seed, backend=backend, coarse=n)
+    return select
+
+
+def _impls(device: str, coarse: int | None = None) -> dict[str, Callable]:
     impls = {
         "naive": naive_knn,
         "torch": lambda x, k, seed: select_noise(x, k, seed=seed, backend="torch"),
     }
+    if coarse:
+        impls[f"coarse{coarse}"] = _coarse(coarse)
     if device == "cuda":
         try:
             import triton  # noqa: F401
@@ -141,8 +159,9 @@ def peak_extra_bytes(fn: Callable, device: str) -> int | None:
 
 
 def check_correct(name: str, device: str) -> None:
-    """Each selector picks the fp64 arg-min of its own candidates (naive is correct by construction)."""
-    if name == "naive":
+    """Each selector picks the fp64 arg-min of its own candidates (naive is correct by construction;
+    coarse variants are checked against a float64 reference in tests/test_coarse.py)."""
+    if name == "naive" or name.startswith("coarse"):
         return
     x = torch.randn(2, 4, 16, 16, device=device)
     backend = name
@@ -189,10 +208,10 @@ def environment(device: str) -> dict:
     return env
 
 
-def run(grid: dict, device: str, repeats: int, progress: bool = True) -> list[dict]:
+def run(grid: dict, device: str, repeats: int, progress: bool = True, coarse: int | None = None) -> list[dict]:
     from tqdm import tqdm
 
-    impls = _impls(device)
+    impls = _impls(device, coarse)
     for name in impls:
         check_correct(name, device)
     configs = [(b, k, d) for d in grid["D"] for k in grid["k"] for b in grid["B"]]
@@ -204,6 +223,10 @@ def run(grid: dict, device: str, repeats: int, progress: bool = True) -> list[di
             row = {"B": b, "k": k, "D": d, "impl": name}
             if name == "naive" and naive_bytes > NAIVE_MAX_BYTES:
                 row["skipped"] = f"needs {naive_bytes / 2**30:.1f} GiB of candidates"
+                rows.append(row)
+                continue
+            if name.startswith("coarse") and image_shape(d, coarse) is None:
+                row["skipped"] = f"D={d} is not C x H x H with H >= {coarse}"
                 rows.append(row)
                 continue
             fn = lambda impl=impl: impl(x, k, 1234)  # noqa: E731
@@ -293,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--B", type=int, nargs="+", help="batch sizes (overrides the grid)")
     p.add_argument("--k", type=int, nargs="+", help="candidates per sample (overrides the grid)")
     p.add_argument("--D", type=int, nargs="+", help="elements per sample (overrides the grid)")
+    p.add_argument("--coarse", type=int, metavar="N",
+                   help="also time coarse selection (coarse=N) on the latents viewed as [B, C, H, H]")
     p.add_argument("--bounds", action="store_true",
                    help="only the speed bounds: torch backend vs naive, interleaved, at the grid's shapes and the "
                         f"extra ones, PASS/FAIL against {BOUND}x ({SMALL_D_BOUND}x at D=64)")
@@ -317,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"environment": env, "repeats": repeats, "bounds": rows}, f, indent=2)
             print(f"wrote {args.json}")
         return 0
-    rows = run(grid, args.device, repeats)
+    rows = run(grid, args.device, repeats, coarse=args.coarse)
     cdist = fp16_cdist_failure(args.device)
     print(f"\n{env['device']} ({env.get('gpu', env['cpu'])}), torch {env['torch']}, triton {env['triton']}, "
           f"{env['threads']} threads, {env['date']}")
