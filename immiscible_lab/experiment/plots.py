@@ -62,14 +62,19 @@ def _title(key: str, sampler: str) -> str:
     return key.split("/", 1)[1] + ("" if sampler == "euler" else f", {sampler}")
 
 
+def _panel_figure(count: int, width: float, height: float):
+    """A figure with ``count`` panels on a grid (``width`` x ``height`` inches each), spare axes hidden."""
+    rows, cols = _grid(count)
+    fig, axes = _plt().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def plot_quality(summary: dict, dataset: str, metric_label: str, gaussian: float, floor: float, out_dir: str) -> str:
     """Sample distance (most sampler steps) against training step, one panel per setting and sampler."""
-    plt = _plt()
     panels = _panels(summary, dataset)
-    rows, cols = _grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
+    fig, axes = _panel_figure(len(panels), 3.4, 2.8)
     for ax, (key, sampler, st) in zip(axes.flat, panels):
         colors = arm_colors(st["arms"])
         steps = max(st["arms"]["vanilla"]["quality"][sampler], key=int)
@@ -89,12 +94,8 @@ def plot_quality(summary: dict, dataset: str, metric_label: str, gaussian: float
 
 def plot_final(summary: dict, dataset: str, out_dir: str) -> str:
     """Final distance of each arm divided by vanilla's (paired by seed; geometric mean and per-seed range)."""
-    plt = _plt()
     panels = _panels(summary, dataset)
-    rows, cols = _grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
+    fig, axes = _panel_figure(len(panels), 3.8, 2.9)
     for ax, (key, sampler, st) in zip(axes.flat, panels):
         arms = st["arms"]
         samplers = list(arms["vanilla"]["quality"][sampler])
@@ -115,7 +116,7 @@ def plot_final(summary: dict, dataset: str, out_dir: str) -> str:
         ax.set_title(_title(key, sampler), fontsize=8)
         ax.tick_params(labelsize=6)
     axes.flat[0].set_ylabel("final distance / vanilla's (same seed)", fontsize=7)
-    axes.flat[min(len(panels), cols) - 1].legend(fontsize=6)
+    axes.flat[min(len(panels), axes.shape[1]) - 1].legend(fontsize=6)
     fig.suptitle(f"{dataset}: arm / vanilla at the last checkpoint (bars: geometric mean; whiskers: seed range)",
                  fontsize=9)
     return _save(fig, os.path.join(out_dir, f"final_{dataset}.png"))
