@@ -210,10 +210,9 @@ def comfy_random_noise(samples: torch.Tensor, seed: int, batch_index=None) -> to
 def select(x: torch.Tensor, k: int, seed: int, mode: str, metric: str, indices: list[int], coarse: int = 0):
     """One selection against model-space ``x`` keyed by batch index; returns ``(noise, SelectionInfo)``.
 
-    ``coarse`` (0 = off) ranks by the ``coarse x coarse`` average-pooled layout; a latent smaller
-    than that is refused with the node input's name.
+    ``coarse`` (0 = off) ranks by the ``coarse x coarse`` average-pooled layout; the core refuses a
+    latent smaller than that, naming ``coarse`` as the node input is named.
     """
-    coarse = immiscible.check_coarse(coarse, x.shape)
     if mode == "knn":
         return immiscible.select_noise(x, k, seed=seed, mode="knn", metric=metric, backend="torch",
                                        sample_ids=indices, return_info=True, coarse=coarse)
