@@ -54,10 +54,11 @@ def _add_demo(sub):
                    help="training steps at which verdicts are also read, from checkpoints of the same runs "
                         "(default: gmm 250, digits 1000; the last step always counts)")
     t.add_argument("--batch-size", type=int, help="default 128")
-    t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, help="Adam learning rate (default per model family: mlp 1e-3, resmlp 2e-3)")
     t.add_argument("--hidden", type=int, help="MLP width, every data set (default: gmm 128, digits 256)")
     t.add_argument("--depth", type=int, help="MLP hidden layers (default 3)")
-    t.add_argument("--ema-decay", type=float, help="EMA of the weights used for evaluation (default 0.995)")
+    t.add_argument("--ema-decay", type=float, help="EMA decay of the weights used for evaluation, bias-corrected "
+                                                        "(default per model family: mlp 0.995, resmlp 0.999)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--evals", type=int, help="evaluation checkpoints per run (default 6)")
     e.add_argument("--eval-samples", type=int, help="samples per evaluation (default 512)")

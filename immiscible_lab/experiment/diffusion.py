@@ -3,8 +3,8 @@
 ``ddpm`` : epsilon-prediction (Ho et al., 2020), T = 1000, with one of two noise schedules:
            ``scaled-linear`` (the betas 0.00085..0.012 SD / SDXL train with) or ``cosine``
            (Nichol & Dhariwal, 2021, s = 0.008, betas capped at 0.999 as diffusers'
-           ``squaredcos_cap_v2``); sampled with DDIM (eta = 0), Euler's method on the
-           probability-flow ODE in the (x0, eps) parametrization (Song et al., 2021), with the
+           ``squaredcos_cap_v2``); sampled with DDIM (eta = 0) from the same noise level under
+           both (``sampling_start``): Euler's method on the probability-flow ODE in the (x0, eps) parametrization (Song et al., 2021), with the
            predicted x0 optionally clipped to [-1, 1] and eps re-derived from it (guided-diffusion).
 ``flow`` : rectified flow / flow matching, ``x_t = (1 - t) x0 + t n``, target ``v = n - x0`` as
            FLUX trains; sampled with Euler steps from t = 1 to 0 (Liu et al., 2023).
@@ -68,9 +68,27 @@ def objective_loss(model, objective: str, x0, noise, t, alpha_bar) -> torch.Tens
     return (model(x_t, time) - target).square().mean()
 
 
+def sampling_start(alpha_bar: torch.Tensor) -> int:
+    """The step DDIM starts from: the last ``t`` whose ``alpha_bar`` is at least SD's terminal one.
+
+    Under SD's scaled-linear schedule that is ``T - 1`` (``alpha_bar = 0.0047``). The cosine
+    schedule's betas are capped at 0.999, so its ``alpha_bar[T - 1]`` is 2.4e-9: an
+    eps-prediction model's x0 estimate there divides its error by ``sqrt(alpha_bar) = 5e-5``, and
+    unclipped DDIM diverges for every model. Both schedules therefore start sampling from the
+    same noise level (cosine: ``t = 955``); training still covers every ``t``.
+    """
+    floor = float(ddpm_alpha_bar()[-1])
+    return int((alpha_bar >= floor * (1 - 1e-6)).nonzero().max())
+
+
+def ddim_timesteps(steps: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The ``steps`` model times of DDIM, evenly spaced from ``sampling_start`` down ("trailing")."""
+    return torch.linspace(sampling_start(alpha_bar), 0, steps + 1)[:-1].round().long()
+
+
 @torch.no_grad()
 def sample_ddim(model, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor, *, clip: bool = False) -> torch.Tensor:
-    """DDIM (eta = 0) from ``noise`` (N, D) at t = T-1 to data in ``steps`` model calls.
+    """DDIM (eta = 0) from ``noise`` (N, D) at ``sampling_start`` to data in ``steps`` model calls.
 
     With ``clip`` the predicted x0 is clamped to [-1, 1] (the data range) at every step and the
     noise is re-derived from the clamped x0, ``eps = (x - sqrt(ab) x0) / sqrt(1 - ab)``, as
@@ -79,7 +97,7 @@ def sample_ddim(model, noise: torch.Tensor, steps: int, alpha_bar: torch.Tensor,
     drifts off the trajectory when the model's x0 overshoots: on the demo's digits its 100-step
     samples saturate.
     """
-    ts = torch.linspace(DDPM_T - 1, 0, steps + 1)[:-1].round().long()
+    ts = ddim_timesteps(steps, alpha_bar)
     x = noise
     for i, t in enumerate(ts.tolist()):
         ab = alpha_bar[t]

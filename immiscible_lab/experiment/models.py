@@ -103,6 +103,13 @@ class ResMLPDenoiser(nn.Module):
 
 MODELS = ("mlp", "resmlp")
 
+#: Adam learning rate and weight-EMA decay of each family, unless the run sets them. Chosen on vanilla
+#: DDPM, 2 seeds (scaled-linear, 32-step DDIM MMD²): the residual MLP trains stably at 2e-3 and gains
+#: from a slower EMA (patches32 at 2500 steps: 0.037-0.039 at 1e-3 / 0.995, 0.017-0.028 at 2e-3 /
+#: 0.999; digits at 4000 steps: 0.0043-0.0047 against 0.0039-0.0044); the plain MLP, without norms,
+#: got worse at 2e-3 in a single-seed check, so it keeps 1e-3 / 0.995.
+FAMILY_OPTIM = {"mlp": {"lr": 1e-3, "ema_decay": 0.995}, "resmlp": {"lr": 2e-3, "ema_decay": 0.999}}
+
 
 def build_model(family: str, dim: int, *, hidden: int, depth: int, generator: torch.Generator) -> nn.Module:
     """A denoiser of ``family`` (``"mlp"`` or ``"resmlp"``) for flat samples of ``dim`` elements."""
@@ -111,6 +118,16 @@ def build_model(family: str, dim: int, *, hidden: int, depth: int, generator: to
     if family == "resmlp":
         return ResMLPDenoiser(dim, hidden=hidden, depth=depth, generator=generator)
     raise ValueError(f"model must be one of {MODELS}, got {family!r}")
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay at optimizer step ``step`` (1-based), bias-corrected: ``1 - (1 - d) / (1 - d^step)``.
+
+    This makes the EMA a normalized exponential average of the weights of steps 1..step (step 1
+    copies the weights), so a slow EMA does not carry the initial weights into early checkpoints:
+    uncorrected, decay 0.999 still holds 37 % of the initial weights at step 1000.
+    """
+    return 1.0 - (1.0 - decay) / (1.0 - decay**step)
 
 
 @torch.no_grad()

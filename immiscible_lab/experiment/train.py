@@ -18,7 +18,7 @@ import torch
 from immiscible import derive_seed
 from . import diffusion, metrics
 from .data import Dataset
-from .models import build_model, ema_update_
+from .models import FAMILY_OPTIM, build_model, ema_decay_at, ema_update_
 from .pairing import Arm, pair_noise
 
 EVAL_SEED = 20240612  # the starting noise of every evaluation, shared by all arms and seeds
@@ -31,10 +31,10 @@ class TrainConfig:
 
     steps: int = 2000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | None = None            # None: the model family's (models.FAMILY_OPTIM)
     hidden: int = 128
     depth: int = 3
-    ema_decay: float = 0.995
+    ema_decay: float | None = None     # None: the model family's (models.FAMILY_OPTIM)
     evals: int = 6                     # evaluation checkpoints, evenly spaced, the last at ``steps``
     eval_samples: int = 512
     sampler_steps: tuple[int, ...] = (1, 2, 8, 32)
@@ -73,6 +73,13 @@ def checkpoints(steps: int, evals: int, budgets=()) -> list[int]:
     """``evals`` evaluation steps evenly spaced in (0, steps], the last one at ``steps``, plus ``budgets``."""
     even = {max(1, round(steps * (i + 1) / evals)) for i in range(evals)}
     return sorted(even | {b for b in budgets if 1 <= b <= steps})
+
+
+def optimizer_settings(cfg: TrainConfig, model: str) -> tuple[float, float]:
+    """``(Adam learning rate, EMA decay)`` of a run: ``cfg``'s where set, else the model family's."""
+    family = FAMILY_OPTIM[model]
+    return (cfg.lr if cfg.lr is not None else family["lr"],
+            cfg.ema_decay if cfg.ema_decay is not None else family["ema_decay"])
 
 
 def _pooled_cosine(x0: torch.Tensor, noise: torch.Tensor, shape: tuple, n: int = 4) -> float:
@@ -122,7 +129,8 @@ def train_run(data: Dataset, objective: str, arm: Arm, seed: int, cfg: TrainConf
     init_gen, data_gen, time_gen, noise_gen = gens
     net = build_model(model, data.dim, hidden=cfg.hidden, depth=cfg.depth, generator=init_gen)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)
+    lr, ema_decay = optimizer_settings(cfg, model)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
     alpha_bar = diffusion.alpha_bar_for(schedule if objective == "ddpm" else "scaled-linear")
 
     eval_gen = torch.Generator().manual_seed(EVAL_SEED)
@@ -146,7 +154,7 @@ def train_run(data: Dataset, objective: str, arm: Arm, seed: int, cfg: TrainConf
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_update_(ema, net, cfg.ema_decay if step > 1 else 0.0)
+        ema_update_(ema, net, ema_decay_at(step, ema_decay))
 
         window.append(float(loss.detach()))
         sq_norm += float(noise.square().mean())
