@@ -39,3 +39,24 @@ def fingerprint(files) -> str | None:
     except OSError:
         return None
     return h.hexdigest()[:16]
+
+
+def describe_tree(root: Path, fingerprint_of_tree: str | None, known: dict, *, what: str,
+                  declared: str | None = None) -> str:
+    """A host tree's version: ``git describe`` in a checkout, else ``known[fingerprint]``, else "unknown".
+
+    ``what`` names the fingerprinted files in the message ("its library files"); ``declared`` is a
+    version the tree states itself (musubi-tuner's ``pyproject.toml``), shown first when given.
+    """
+    described = git_describe(root)
+    if described:
+        return described
+    name = known.get(fingerprint_of_tree)
+    if declared is None:
+        if name:
+            return f"{name}, identified by {what} (not a git checkout)"
+        return f"unknown (not a git checkout, {what} match no tested version)"
+    if name:
+        return f"{declared}, identified as {name} by {what} (not a git checkout)"
+    return f"{declared} (not a git checkout; {what} match no tested version)"
+

@@ -11,8 +11,8 @@ import functools
 import sys
 from pathlib import Path
 
+from immiscible_host.version import describe_tree
 from immiscible_host.version import fingerprint as host_fingerprint
-from immiscible_host.version import git_describe
 
 #: sha256 (first 16 hex digits) of library/*.py (names and contents, sorted, LF line ends) -> version.
 KNOWN = {
@@ -35,13 +35,7 @@ def fingerprint(root: Path) -> str | None:
 def describe(root: str | Path) -> str:
     """``"v0.9.1-566-g2e0fcc50 (commit 2e0fcc50…)"``, a known fingerprint's name, or ``"unknown"``."""
     root = Path(root)
-    described = git_describe(root)
-    if described:
-        return described
-    fp = fingerprint(root)
-    if fp in KNOWN:
-        return f"{KNOWN[fp]}, identified by its library files (not a git checkout)"
-    return "unknown (not a git checkout, library files match no tested version)"
+    return describe_tree(root, fingerprint(root), KNOWN, what="its library files")
 
 
 def running_root() -> Path | None:

@@ -9,8 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from immiscible_host.version import describe_tree
 from immiscible_host.version import fingerprint as host_fingerprint
-from immiscible_host.version import git_describe
 
 #: sha256 (first 16 hex digits) of the patched source files (see :data:`FILES`) -> version.
 KNOWN = {
@@ -39,14 +39,8 @@ def pyproject_version(root: Path) -> str | None:
 def describe(root: str | Path) -> str:
     """``"v0.3.4-2-gabcdef12 (commit …)"``, ``"0.3.4, identified as v0.3.4 (commit 30c658c4 …)"`` or ``"unknown"``."""
     root = Path(root)
-    described = git_describe(root)
-    if described:
-        return described
-    declared = pyproject_version(root) or "no pyproject version"
-    known = KNOWN.get(fingerprint(root))
-    if known:
-        return f"{declared}, identified as {known} by its files (not a git checkout)"
-    return f"{declared} (not a git checkout; its patched files match no tested version)"
+    return describe_tree(root, fingerprint(root), KNOWN, what="its patched files",
+                         declared=pyproject_version(root) or "no pyproject version")
 
 
 def running_root() -> Path | None:

@@ -303,3 +303,23 @@ def test_architecture_refusals():
     cands = torch.randn(8, 2, 64)
     assert torch.equal(torch.nn.functional.cosine_similarity(cands, x, dim=-1).argmax(0),
                        torch.nn.functional.cosine_similarity(8.0 * cands, x, dim=-1).argmax(0))
+
+
+def test_version_of_a_tree_names_its_pyproject_version_and_a_known_fingerprint(tmp_path):
+    from musubi_patch import version
+
+    root = tmp_path / "musubi"
+    (root / "src/musubi_tuner").mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[project]\nname = "musubi-tuner"\nversion = "9.9.9"\n')
+    for rel in version.FILES:
+        (root / "src/musubi_tuner" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / "src/musubi_tuner" / rel).write_text(f"# {rel}\n")
+    assert version.describe(root) == "9.9.9 (not a git checkout; its patched files match no tested version)"
+    fp = version.fingerprint(root)
+    version.KNOWN[fp] = "v9.9.9 (test)"
+    version.describe.cache_clear()
+    try:
+        assert version.describe(root) == "9.9.9, identified as v9.9.9 (test) by its patched files (not a git checkout)"
+    finally:
+        del version.KNOWN[fp]
+        version.describe.cache_clear()
