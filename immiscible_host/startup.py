@@ -42,6 +42,23 @@ def active_noise_points(points, statuses: dict[str, PointStatus]) -> list[str]:
     return [p.name for p in points if p.kind in NOISE_KINDS and p.name in statuses and statuses[p.name].ok]
 
 
+def guard_check(runtime, guard: str, hint):
+    """An ``extra_checks`` entry: selection on needs the first-step guard ``guard`` (a patch point's
+    name), because without it a drifted run could train on stock noise. ``hint()`` ends the message.
+
+    (The guard's status is recorded when the host module that holds it is imported, which every
+    run's start-up comes from; a process that never imported it has nothing to guard.)
+    """
+    def check_guard(args, settings: Settings) -> None:
+        if not settings.enabled:
+            return
+        status = runtime.points.get(guard)
+        if status is not None and not status.ok:
+            raise ValueError(f"immiscible: the first-step guard {guard} is unavailable ({status}), so a run that is "
+                             f"not selected could not be stopped; refusing --immiscible_k {settings.k}. {hint()}")
+    return check_guard
+
+
 def start_up(runtime, args, points, *, parser=None, script: str | None = None, extra_checks=(),
              point_status=None, on_enabled=None, config_file_attr: str = "config_file",
              unavailable_hint=None) -> Settings:

@@ -37,18 +37,7 @@ def _on_enabled(point) -> None:
         intercept_inline(point)
 
 
-def check_guard(args, settings: Settings) -> None:
-    """Selection on needs the first-step guard: without it a drifted run could train on stock noise.
-
-    (Its status is recorded when sd-scripts' ``train_util`` is imported, which every run's start-up
-    comes from; a process that never imported it has nothing to guard.)
-    """
-    if not settings.enabled:
-        return
-    status = RUNTIME.points.get(GUARD)
-    if status is not None and not status.ok:
-        raise ValueError(f"immiscible: the first-step guard {GUARD} is unavailable ({status}), so a run that is not "
-                         f"selected could not be stopped; refusing --immiscible_k {settings.k}. {_hint()}")
+check_guard = startup.guard_check(RUNTIME, GUARD, lambda: _hint())
 
 
 def start_up(args, parser=None) -> Settings:

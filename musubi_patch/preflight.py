@@ -39,14 +39,7 @@ def _on_enabled(point) -> None:
         intercept_point(BASE_LOOP, RUNTIME)   # an unknown trainer on the shared loop is selected too
 
 
-def check_guard(args, settings: Settings) -> None:
-    """Selection on needs the first-step guard: without it a drifted run could train on stock noise."""
-    if not settings.enabled:
-        return
-    status = RUNTIME.points.get(GUARD)
-    if status is not None and not status.ok:
-        raise ValueError(f"immiscible: the first-step guard {GUARD} is unavailable ({status}), so a run that is not "
-                         f"selected could not be stopped; refusing --immiscible_k {settings.k}. {hint()}")
+check_guard = startup.guard_check(RUNTIME, GUARD, lambda: hint())
 
 
 def start_up(args, parser=None) -> Settings:
