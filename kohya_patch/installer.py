@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 from immiscible_host import envinstall
-from immiscible_host.envinstall import other_hooks
 from immiscible_host.points import ABSENT, BROKEN, OK, SUPPORT, PointStatus, absent, broken, inspect_sources, ok
 
 from . import version
@@ -44,9 +43,6 @@ def probe(python: str, external=()) -> dict:
     answer's ``"external"`` maps each name to None (found) or why not.
     """
     return envinstall.probe(python, "kohya_patch", external)
-
-
-_from_this_pack = envinstall.from_this_pack
 
 
 # --------------------------------------------------------------------------- sd-scripts inspection
@@ -129,58 +125,15 @@ def upstream_knn_noise(sd_scripts: Path) -> bool:
 # --------------------------------------------------------------------------- actions
 
 
-def _pip(python: str, *args: str) -> int:
-    return envinstall.pip(python, _say, *args)
-
-
 def install_hook(sd_scripts: Path, python: str) -> int:
-    info = probe(python)
-    site = Path(info["site_packages"])
-    marker = site / MARKER_NAME
-    record = json.loads(marker.read_text()) if marker.exists() else {}
-    if info["kohya_patch"] and not _from_this_pack(info["kohya_patch"]):
-        _say(f"ERROR: {python} already imports another copy of kohya_patch: {info['kohya_patch']}")
-        return 1
-    if _from_this_pack(info["kohya_patch"]) and _from_this_pack(info.get("immiscible_host")):
-        _say(f"pack already importable in {python}: {info['kohya_patch']}")
-    else:
-        # not installed, or an editable install from before immiscible_host existed (its finder maps
-        # only the packages it knew): install (again)
-        rc = _pip(python, "install", "--no-deps", "--no-build-isolation", "-e", str(PACK_DIR))
-        if rc:
-            _say(f"ERROR: pip install -e {PACK_DIR} failed (exit {rc})")
-            return rc
-        if not info["kohya_patch"]:
-            record["pip_installed"] = True
-    pth = site / PTH_NAME
-    if not pth.exists() or pth.read_text() != PTH_LINE:
-        pth.write_text(PTH_LINE)
-        _say(f"wrote start-up hook {pth}")
-    else:
-        _say(f"start-up hook present: {pth}")
-    record.update(pack=str(PACK_DIR), sd_scripts=str(sd_scripts), python=python)
-    marker.write_text(json.dumps(record, indent=1) + "\n")
-    return report(sd_scripts, python)
+    """Make the pack importable in ``python``'s environment, write the start-up hook, then ``report``."""
+    rc = envinstall.install(python, "kohya_patch", PTH_NAME, MARKER_NAME, PTH_LINE, _say, sd_scripts=str(sd_scripts))
+    return rc or report(sd_scripts, python)
 
 
 def uninstall_hook(python: str) -> int:
-    info = probe(python)
-    site = Path(info["site_packages"])
-    marker = site / MARKER_NAME
-    record = json.loads(marker.read_text()) if marker.exists() else {}
-    pth = site / PTH_NAME
-    if pth.exists():
-        pth.unlink()
-        _say(f"removed {pth}")
-    rc = 0
-    others = other_hooks(site, PTH_NAME)  # e.g. the musubi-tuner adapter's hook in the same venv
-    if record.get("pip_installed") and info["dist"] and not others:
-        rc = _pip(python, "uninstall", "-y", DIST_NAME)
-    elif info["dist"]:
-        why = f"still used by {', '.join(others)}" if others else "it was installed before this installer ran"
-        _say(f"{DIST_NAME} {info['dist']} left in place: {why}")
-    if marker.exists():
-        marker.unlink()
+    """Remove the start-up hook (and the pack, if this installer put it there and no other hook needs it)."""
+    rc = envinstall.uninstall(python, "kohya_patch", PTH_NAME, MARKER_NAME, _say)
     _say("uninstalled (nothing inside sd-scripts was ever changed)")
     return rc
 
@@ -203,9 +156,8 @@ def report(sd_scripts: Path | None, python: str) -> int:
          f"{'active' if info['hook_active'] else 'NOT active'} at interpreter start-up")
     good &= bool(pth.exists() and info["hook_active"])
     if sd_scripts is None:
-        marker = Path(info["site_packages"]) / MARKER_NAME
-        if marker.exists():
-            sd_scripts = Path(json.loads(marker.read_text()).get("sd_scripts", "")) or None
+        recorded = envinstall.read_marker(info["site_packages"], MARKER_NAME).get("sd_scripts")
+        sd_scripts = Path(recorded) if recorded else None
     if sd_scripts is None or not (sd_scripts / "library" / "train_util.py").exists():
         _say(f"sd-scripts: {'not given' if sd_scripts is None else f'no checkout at {sd_scripts}'}")
         return 0 if good else 1

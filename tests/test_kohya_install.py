@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from immiscible_host import envinstall
 from immiscible_host import options as host_options
 from kohya_patch import installer, options, points
 
@@ -207,10 +208,21 @@ def test_installer_refuses_a_non_sd_scripts_folder(tmp_path, capsys):
     assert "must name a kohya-ss/sd-scripts checkout" in capsys.readouterr().out
 
 
+def _fake_probe(monkeypatch, probe):
+    """What the target interpreter would report, for the check (``installer.probe``) and for
+    install/uninstall (``envinstall.probe``, which takes the package name too)."""
+    monkeypatch.setattr(installer, "probe", probe)
+    monkeypatch.setattr(envinstall, "probe", lambda python, package, external=(): probe(python, external))
+
+
+def _fake_pip(monkeypatch, pip):
+    monkeypatch.setattr(envinstall, "pip", lambda python, say, *args: pip(python, *args))
+
+
 def test_check_and_uninstall_report_without_side_effects(tmp_path, capsys, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
-    monkeypatch.setattr(installer, "probe", lambda python, external=(): {
+    _fake_probe(monkeypatch, lambda python, external=(): {
         "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
         "immiscible_host": str(REPO / "immiscible_host"), "hook_active": False, "dist": None, "torch": "2.x",
         "external": {p.name: None for p in external}})
@@ -230,7 +242,7 @@ def test_an_install_from_before_immiscible_host_is_refreshed(tmp_path, monkeypat
     site = tmp_path / "site"
     site.mkdir()
     state = {"host": None}
-    monkeypatch.setattr(installer, "probe", lambda python, external=(): {
+    _fake_probe(monkeypatch, lambda python, external=(): {
         "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
         "immiscible_host": state["host"], "hook_active": True, "dist": "0.1.0", "torch": "2.x",
         "external": {p.name: None for p in external}})
@@ -241,7 +253,7 @@ def test_an_install_from_before_immiscible_host_is_refreshed(tmp_path, monkeypat
         state["host"] = str(REPO / "immiscible_host")
         return 0
 
-    monkeypatch.setattr(installer, "_pip", pip)
+    _fake_pip(monkeypatch, pip)
     assert installer.main(check=True) == 1
     assert "INCOMPLETE" in capsys.readouterr().out
     sd = fake_sd_scripts(tmp_path / "sd")
@@ -257,12 +269,12 @@ def test_uninstall_leaves_the_pack_to_another_adapter_in_the_same_venv(tmp_path,
     """sd-scripts installed first, musubi-tuner's hook beside it: removing ours must not break theirs."""
     site = tmp_path / "site"
     site.mkdir()
-    monkeypatch.setattr(installer, "probe", lambda python, external=(): {
+    _fake_probe(monkeypatch, lambda python, external=(): {
         "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
         "immiscible_host": str(REPO / "immiscible_host"), "hook_active": True, "dist": "0.2.0", "torch": "2.x",
         "external": {}})
     pips = []
-    monkeypatch.setattr(installer, "_pip", lambda python, *args: pips.append(args) or 0)
+    _fake_pip(monkeypatch, lambda python, *args: pips.append(args) or 0)
     (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
     (site / installer.MARKER_NAME).write_text('{"pip_installed": true}')
     (site / "immiscible_musubi_startup.pth").write_text("import musubi_patch.startup\n")
