@@ -14,6 +14,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from .points import ABSENT, BROKEN, OK
+
 PACK_DIR = Path(__file__).resolve().parent.parent
 DIST_NAME = "immiscible-diffusion"
 
@@ -148,3 +150,49 @@ def read_marker(site: str, marker_name: str) -> dict:
         return json.loads(marker.read_text()) if marker.exists() else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# --------------------------------------------------------------------------- --check report
+
+
+def report_environment(info: dict, package: str, pth_name: str, reinstall: str, say) -> bool:
+    """Say which Python, pack and start-up hook ``info`` (:func:`probe`) shows; True when all are in place.
+
+    ``reinstall`` is the command that mends an incomplete install (``"install.py --sd-scripts"``).
+    """
+    good = True
+    say(f"python: {info['python']} (Python {info['version']}, torch {info['torch']})")
+    if info[package] and info.get("immiscible_host"):
+        say(f"pack: {DIST_NAME} {info['dist'] or '(not pip-installed)'} -> {info[package]}")
+    elif info[package]:
+        say(f"pack: INCOMPLETE, {info[package]} imports but immiscible_host does not "
+            f"(an install from an older version: run {reinstall} again)")
+        good = False
+    else:
+        say("pack: NOT importable in this environment")
+        good = False
+    pth = Path(info["site_packages"]) / pth_name
+    say(f"start-up hook: {pth} {'present' if pth.exists() else 'MISSING'}, "
+        f"{'active' if info['hook_active'] else 'NOT active'} at interpreter start-up")
+    return good and bool(pth.exists() and info["hook_active"])
+
+
+def format_point(name: str, status) -> str:
+    """One ``--check`` line of a patch point's ``PointStatus``: ``ok``, ``absent`` (not in this host
+    version) or ``BROKEN``, with where it was found or why not."""
+    word = {OK: "ok", ABSENT: "absent", BROKEN: "BROKEN"}[status.state]
+    return f"  {word:<7} {name}  [{status.detail}]"
+
+
+def report_points(rows, trainers, needed: set, say) -> bool:
+    """Say each patch point's status and each trainer's; True unless a point in ``needed`` is broken.
+
+    ``rows``: ``(point name, PointStatus)``; ``trainers``: ``(script, what it does, broken?)``.
+    """
+    for name, status in rows:
+        say(format_point(name, status))
+    say("trainers in this checkout:")
+    for script, what, problem in trainers:
+        say(f"  {'BROKEN' if problem else 'ok':<7} {script}: {what}")
+    return not any(status.state == BROKEN and name in needed for name, status in rows)
+

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from immiscible_host import envinstall
-from immiscible_host.points import ABSENT, BROKEN, OK, SUPPORT, PointStatus, absent, broken, inspect_sources, ok
+from immiscible_host.points import BROKEN, SUPPORT, PointStatus, absent, broken, inspect_sources, ok
 
 from . import version
 from .points import NOT_IN_VERSION, POINTS
@@ -102,10 +102,7 @@ def trainer_report(sd_scripts: Path, statuses: dict[str, PointStatus]) -> list[t
     return rows
 
 
-def format_point(name: str, status: PointStatus) -> str:
-    """One ``--check`` line: ``ok``, ``absent`` (not in this sd-scripts version) or ``BROKEN``."""
-    word = {OK: "ok", ABSENT: "absent", BROKEN: "BROKEN"}[status.state]
-    return f"  {word:<7} {name}  [{status.detail}]"
+format_point = envinstall.format_point
 
 
 def sd_scripts_version(sd_scripts: Path) -> str:
@@ -140,21 +137,7 @@ def uninstall_hook(python: str) -> int:
 
 def report(sd_scripts: Path | None, python: str) -> int:
     info = probe(python, [p for p in POINTS if not p.in_host])
-    good = True
-    _say(f"python: {info['python']} (Python {info['version']}, torch {info['torch']})")
-    if info["kohya_patch"] and info.get("immiscible_host"):
-        _say(f"pack: {DIST_NAME} {info['dist'] or '(not pip-installed)'} -> {info['kohya_patch']}")
-    elif info["kohya_patch"]:
-        _say(f"pack: INCOMPLETE, {info['kohya_patch']} imports but immiscible_host does not "
-             "(an install from an older version: run install.py --sd-scripts again)")
-        good = False
-    else:
-        _say("pack: NOT importable in this environment")
-        good = False
-    pth = Path(info["site_packages"]) / PTH_NAME
-    _say(f"start-up hook: {pth} {'present' if pth.exists() else 'MISSING'}, "
-         f"{'active' if info['hook_active'] else 'NOT active'} at interpreter start-up")
-    good &= bool(pth.exists() and info["hook_active"])
+    good = envinstall.report_environment(info, "kohya_patch", PTH_NAME, "install.py --sd-scripts", _say)
     if sd_scripts is None:
         recorded = envinstall.read_marker(info["site_packages"], MARKER_NAME).get("sd_scripts")
         sd_scripts = Path(recorded) if recorded else None
@@ -168,12 +151,7 @@ def report(sd_scripts: Path | None, python: str) -> int:
     rows = patch_point_report(sd_scripts, info.get("external"))
     trainers = trainer_report(sd_scripts, dict(rows))
     needed = {p.name for p in POINTS if p.kind == SUPPORT or any(t in p.scripts for t, _, _ in trainers)}
-    for name, status in rows:
-        _say(format_point(name, status))
-        good &= not (status.state == BROKEN and name in needed)
-    _say("trainers in this checkout:")
-    for script, what, problem in trainers:
-        _say(f"  {'BROKEN' if problem else 'ok':<7} {script}: {what}")
+    good &= envinstall.report_points(rows, trainers, needed, _say)
     _say("all good" if good else "problems found (see above)")
     return 0 if good else 1
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from immiscible_host import envinstall
-from immiscible_host.points import ABSENT, BROKEN, OK, SUPPORT, PointStatus, broken, inspect_sources, ok
+from immiscible_host.points import BROKEN, SUPPORT, PointStatus, broken, inspect_sources, ok
 
 from . import version
 from .points import POINTS
@@ -74,25 +74,12 @@ def trainer_report(root: Path, statuses: dict[str, PointStatus]) -> list[tuple[s
     return rows
 
 
-def format_point(name: str, status: PointStatus) -> str:
-    word = {OK: "ok", ABSENT: "absent", BROKEN: "BROKEN"}[status.state]
-    return f"  {word:<7} {name}  [{status.detail}]"
+format_point = envinstall.format_point
 
 
 def report(root: Path | None, python: str) -> int:
     info = envinstall.probe(python, PACKAGE, [p for p in POINTS if not p.in_host])
-    good = True
-    _say(f"python: {info['python']} (Python {info['version']}, torch {info['torch']})")
-    if info[PACKAGE] and info.get("immiscible_host"):
-        _say(f"pack: {envinstall.DIST_NAME} {info['dist'] or '(not pip-installed)'} -> {info[PACKAGE]}")
-    else:
-        _say("pack: NOT importable in this environment" if not info[PACKAGE] else
-             "pack: INCOMPLETE (immiscible_host does not import; run install.py --musubi-tuner again)")
-        good = False
-    pth = Path(info["site_packages"]) / PTH_NAME
-    _say(f"start-up hook: {pth} {'present' if pth.exists() else 'MISSING'}, "
-         f"{'active' if info['hook_active'] else 'NOT active'} at interpreter start-up")
-    good &= bool(pth.exists() and info["hook_active"])
+    good = envinstall.report_environment(info, PACKAGE, PTH_NAME, "install.py --musubi-tuner", _say)
     if root is None:
         recorded = envinstall.read_marker(info["site_packages"], MARKER_NAME).get("musubi_tuner")
         root = Path(recorded) if recorded else None
@@ -102,15 +89,10 @@ def report(root: Path | None, python: str) -> int:
     _say(f"musubi-tuner: {root}, version {version.describe(root)}")
     _say("patch points:")
     rows = patch_point_report(root, info.get("external"))
-    for name, status in rows:
-        _say(format_point(name, status))
     trainers = trainer_report(root, dict(rows))
     needed = {p.name for p in POINTS if p.kind == SUPPORT and not p.name.startswith("hv_train.")}
     needed |= {p.name for p in POINTS if any(t in p.scripts for t, _, _ in trainers)}
-    good &= not any(s.state == BROKEN and n in needed for n, s in rows)
-    _say("trainers in this checkout:")
-    for script, what, problem in trainers:
-        _say(f"  {'BROKEN' if problem else 'ok':<7} {script}: {what}")
+    good &= envinstall.report_points(rows, trainers, needed, _say)
     _say("all good" if good else "problems found (see above)")
     return 0 if good else 1
 
