@@ -160,7 +160,8 @@ def test_demo_writes_every_report_file(tmp_path):
                     | {("flow", m) for m in ("quality@1", "quality@2", "quality@8", "straightness")})
     assert len(result["runs"]) == 2 * 3 * 2
     assert {r["arm"] for r in result["robustness"]} == {"knn-l2-4", "assign-l2-1"}
-    assert all(r["class"] in ("robust-better", "robust-worse", "depends", "none") for r in result["robustness"])
+    assert all(r["class"] in ("robust-better", "robust-worse", "depends", "none", "unclassified")
+               for r in result["robustness"])
     text = (out / "report.md").read_text()
     assert text.index("## Robust findings") < text.index("## Verdicts per cell")
     assert "moment-matched Gaussian" in text and "floor (data vs data)" in text and "mean ± std" in text

@@ -228,6 +228,29 @@ def test_robustness_classes():
     assert rows["c"]["class"] == "none" and rows["c"]["label"].startswith("no effect")
 
 
+def test_cells_where_vanilla_fails_the_gaussian_are_left_out():
+    van, half, double = [1.0, 2.0, 4.0], [0.5, 1.05, 1.9], [2.1, 3.9, 8.2]
+    cells = [_cell(double, van, model=m, budget=b, vanilla_works=True) for m in ("mlp", "resmlp") for b in (1000, 4000)]
+    cells += [_cell(half, van, model="mlp", schedule="cosine", budget=b, vanilla_works=False) for b in (1000, 4000)]
+    row = stats.robustness(cells, {"digits": "digits"})[0]
+    assert row["class"] == "robust-worse" and row["cells"] == 4 and row["excluded"] == 2
+    assert "2 left out" in row["label"]
+    with_them = [dict(c, vanilla_works=None) for c in cells]   # no Gaussian given: every cell counts
+    assert stats.robustness(with_them, {"digits": "digits"})[0]["class"] == "depends"
+    none_work = [dict(c, vanilla_works=False) for c in cells]
+    row = stats.robustness(none_work, {"digits": "digits"})[0]
+    assert row["class"] == "unclassified" and row["cells"] == 0 and "none of its 6 cells" in row["label"]
+
+
+def test_vanilla_works_reads_vanillas_most_sampler_steps_at_the_budget():
+    van = {"seeds": [0, 1], "eval_at": [1000, 4000],
+           "quality": {"ddim": {"1": {"per_seed": [[9.0, 9.0], [9.0, 9.0]]},
+                                "32": {"per_seed": [[3.0, 1.0], [5.0, 1.5]]}}}}
+    assert stats.vanilla_works(van, "ddim", 1000, 3.5) is False      # mean of 3 and 5
+    assert stats.vanilla_works(van, "ddim", 4000, 3.5) is True       # mean of 1 and 1.5; 1 step is not read
+    assert stats.vanilla_works(van, "ddim", 4000, None) is None
+
+
 # --------------------------------------------------------------------------- presets and resume
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 
@@ -11,7 +12,7 @@ from . import metrics, stats
 from .data import FAMILY, load_dataset, moment_matched_gaussian
 from .effect import effect_table
 from .report import write_report
-from .runner import DemoConfig, config_dict, environment, library_timings, run_grid
+from .runner import RUNS_FILE, DemoConfig, config_dict, environment, library_timings, load_finished, run_grid, task_key
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
     logger.info("demo: %d runs, %d training steps in all", len(tasks), total_steps)
     from concurrent.futures import ThreadPoolExecutor
 
+    finished = load_finished(os.path.join(cfg.out, RUNS_FILE)) if cfg.resume else {}
+    resumed = sum(task_key(t) in finished for t in tasks)
     with ThreadPoolExecutor(1) as side:  # the baselines load every data set while the workers train
         baselines = side.submit(_baselines, cfg)
         with _bar(total_steps, f"train {len(tasks)} runs", progress) as bar:
@@ -80,7 +83,7 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
         st["budgets"] = sorted(set(t.budgets) | {t.steps})
         arms = cfg.arms_for(st["dataset"])
         st["arms"] = {a: st["arms"][a] for a in arms if a in st["arms"]}  # the configured order, vanilla first
-    cells = stats.cell_verdicts(summary)
+    cells = stats.cell_verdicts(summary, gaussian)
     robust = stats.robustness(cells, FAMILY)
     for r in robust:
         r.pop("cells_detail")
@@ -99,6 +102,8 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
         "robustness": robust,
         "runs": run_dicts,
         "train_wall_seconds": train_seconds,
+        "resumed_runs": resumed,
+        "run_train_seconds": sum(r["train_seconds"] for r in run_dicts),
     }
     samples = {}
     for r in run_dicts:

@@ -126,7 +126,8 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str) -> str:
     """The robustness matrix: one block per (family, objective); rows arm x metric, columns the cells.
 
     Colour: mean paired log ratio (blue better, red worse, clipped at 2x); ``*``: the cell alone is
-    significant (paired t, p < 0.05). The row's class is written on the right.
+    significant (paired t, p < 0.05); ``x``: left out, vanilla does not beat the moment-matched
+    Gaussian there. The row's class is written on the right.
     """
     plt = _plt()
     from matplotlib.colors import TwoSlopeNorm
@@ -164,6 +165,9 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str) -> str:
             for c in members:
                 if c["arm"] == r["arm"] and c["metric"] == r["metric"]:
                     j = cols.index(col_of(c))
+                    if c.get("vanilla_works") is False:   # left out of the row: the model does not work there
+                        ax.text(j, i, "x", ha="center", va="center", fontsize=6, color="0.45")
+                        continue
                     grid[i, j] = c["mean_log_ratio"]
                     if c["verdict"] != "n.s.":
                         ax.text(j, i, "*", ha="center", va="center", fontsize=7)
@@ -174,7 +178,8 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str) -> str:
             ax.text(len(cols) - 0.3, i, "  " + r["label"].split(" (")[0], va="center", fontsize=6,
                     color={"robust-better": "tab:blue", "robust-worse": "tab:red"}.get(r["class"], "black"))
         ax.set_title(f"{fam} / {obj}", fontsize=8, loc="left")
-    axes[0, 0].set_title("Robustness: the paired effect in every cell (blue better, red worse; * significant alone)\n"
+    axes[0, 0].set_title("Robustness: the paired effect in every cell (blue better, red worse; * significant alone; "
+                         "x left out: vanilla does not beat the Gaussian)\n"
                          f"{layout[0][0]} / {layout[0][1]}", fontsize=8, loc="left")
     if image is not None:
         fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=min(0.6, 6.0 / sum(heights) + 0.1), pad=0.25,

@@ -29,6 +29,15 @@ REPORT_FILES = ("report.md", "results.json", "runs.jsonl", "effect_size.png", "n
 PER_DATASET_FILES = ("quality_{}.png", "final_{}.png", "samples_{}.png")
 
 
+def _resumed_text(result: dict) -> str:
+    """What of the runs ``--resume`` read from ``runs.jsonl`` (their training is not in this wall time)."""
+    n = result.get("resumed_runs", 0)
+    if not n:
+        return ""
+    return (f"; {n} of {len(result['runs'])} runs read from runs.jsonl (`--resume`), not trained in this "
+            f"wall time; the runs' own training took {result['run_train_seconds']:.0f} worker-seconds")
+
+
 def _optim_text(t: dict) -> str:
     """The Adam learning rate and weight EMA of a training configuration (``None``: the model family's)."""
     family = {m: (f"{o['lr']:g}" if t["lr"] is None else f"{t['lr']:g}",
@@ -72,7 +81,9 @@ def robust_lines(robust: list[dict]) -> list[str]:
         for r in sorted(sel, key=lambda r: (r["family"], r["objective"], r["arm"], _metric_lead(r["metric"]))):
             lines.append(f"- **{head}**: {r['family']} / {r['objective']} / {_metric_label(r['metric'])}: "
                          f"**{r['arm']}** (median {_pct(r['rel_median'])}, range {_pct(r['rel_min'])} to "
-                         f"{_pct(r['rel_max'])} over {r['cells']} cells; pooled paired t over {r['units']} "
+                         f"{_pct(r['rel_max'])} over {r['cells']} cells"
+                         + (f", {r['excluded']} left out" if r.get("excluded") else "")
+                         + f"; pooled paired t over {r['units']} "
                          f"trained pairs, BH-adjusted p = {_p(r['p_bh'])})")
     if not lines:
         lines.append("- **No robust finding**: no (data, objective, sampler steps, arm) kept one sign in every cell "
@@ -109,16 +120,16 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 
 def robustness_table(robust: list[dict]) -> list[str]:
-    out = ["| data | objective | metric | arm | class | cells better / worse / n.s. | change (median, range) "
-           "| pooled p (BH) | sign flips along |", "|---|---|---|---|---|---|---|---:|---|"]
-    order = {"robust-better": 0, "robust-worse": 1, "depends": 2, "none": 3}
+    out = ["| data | objective | metric | arm | class | cells better / worse / n.s. (left out) "
+           "| change (median, range) | pooled p (BH) | sign flips along |", "|---|---|---|---|---|---|---|---:|---|"]
+    order = {"robust-better": 0, "robust-worse": 1, "depends": 2, "none": 3, "unclassified": 4}
     for r in sorted(robust, key=lambda r: (order[r["class"]], r["family"], r["objective"], r["arm"],
                                            _metric_lead(r["metric"]))):
         ns = r["cells"] - r["n_better"] - r["n_worse"]
         cls = {"robust-better": "**robustly better**", "robust-worse": "**robustly worse**",
                "depends": "depends"}.get(r["class"], r["label"].split(" (")[0])
         out.append(f"| {r['family']} | {r['objective']} | {_metric_label(r['metric'])} | {r['arm']} | {cls} "
-                   f"| {r['n_better']} / {r['n_worse']} / {ns} | {_pct(r['rel_median'])} ({_pct(r['rel_min'])} to "
+                   f"| {r['n_better']} / {r['n_worse']} / {ns} ({r.get('excluded', 0)}) | {_pct(r['rel_median'])} ({_pct(r['rel_min'])} to "
                    f"{_pct(r['rel_max'])}) | {_p(r['p_bh'])} | {', '.join(r['flips']) or '-'} |")
     return out
 
@@ -210,7 +221,7 @@ def render_markdown(result: dict, figures: dict) -> str:
             f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)){load_text}; {env['platform']}; "
             f"torch {env['torch']}, python {env['python']}"),
            f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s "
-           f"(training {result['train_wall_seconds']:.0f} s)",
+           f"(training {result['train_wall_seconds']:.0f} s)" + _resumed_text(result),
            f"- settings: {', '.join(summary)}",
            "- arms: " + "; ".join(f"{d}: {', '.join(a)}" for d, a in _arms_by_dataset(result).items()),
            (f"- equal compute: {per_ds}; batch {t['batch_size']}, {_optim_text(t)}; every "
@@ -223,7 +234,9 @@ def render_markdown(result: dict, figures: dict) -> str:
             "against vanilla has one sign in every cell and a pooled paired t-test over the independent trained "
             "pairs is significant after Benjamini-Hochberg across all rows (q = 0.05). *Depends on X*: significantly "
             "better in some cell and significantly worse in another (paired t on the seeds of that cell, p < 0.05); "
-            "X names the axes along which the sign flips."), ""]
+            "X names the axes along which the sign flips. Only cells whose model works count: a cell is left out "
+            "where vanilla (at that setting, sampler and budget, with the most sampler steps) does not beat the "
+            "moment-matched Gaussian; the rule reads vanilla only, never the arm."), ""]
     out += robust_lines(result["robustness"])
     out += ["", f"![robustness matrix]({figures['robustness_matrix']})", "",
             "## Robustness classification", ""] + robustness_table(result["robustness"])

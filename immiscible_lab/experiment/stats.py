@@ -19,6 +19,12 @@ schedule, model, budget and DDIM clipping tried):
 * **depends on X**: some cell is significantly better and some significantly worse; X names the
   axes along which the sign of the mean r flips between cells that differ only in X.
 * **no effect**: neither. The row still says how many cells were better / worse on their own.
+
+Only cells whose model works count: with ``gaussian`` scores given, a cell is left out of its row
+when vanilla, at that setting, sampler and budget with the most sampler steps, does not beat the
+moment-matched Gaussian (a model that has learned no more than the data's first two moments says
+nothing about a pairing). The rule reads vanilla only, never the arm, and the row says how many
+cells it left out; a row whose cells are all left out is "not classified".
 """
 from __future__ import annotations
 
@@ -145,11 +151,23 @@ def _at(curves: dict, seeds: list, eval_at: list, step: int) -> dict:
     return {s: row[i] for s, row in zip(seeds, curves["per_seed"])}
 
 
-def cell_verdicts(summary: dict) -> list[dict]:
+def vanilla_works(van: dict, sampler: str, budget: int, gaussian: float | None) -> bool | None:
+    """Whether vanilla's mean quality with the most sampler steps at ``budget`` beats ``gaussian``
+    (None when no Gaussian score is given)."""
+    if gaussian is None:
+        return None
+    most = max(van["quality"][sampler], key=int)
+    per_seed = _at(van["quality"][sampler][most], van["seeds"], van["eval_at"], budget)
+    return float(np.mean(list(per_seed.values()))) < gaussian
+
+
+def cell_verdicts(summary: dict, gaussian: dict | None = None) -> list[dict]:
     """Every (setting, sampler, metric, budget, arm) comparison against vanilla, paired by seed.
 
     ``metric`` is ``quality@S`` (sample distance with S sampler steps) or ``straightness``
     (flow only); budgets are the checkpoints listed in ``budgets`` of each setting plus the last.
+    With ``gaussian`` (dataset -> the moment-matched Gaussian's score) each cell records
+    ``vanilla_works`` (:func:`vanilla_works`), which :func:`robustness` reads.
     """
     rows = []
     for key, st in summary.items():
@@ -173,7 +191,8 @@ def cell_verdicts(summary: dict) -> list[dict]:
                         c = paired_compare(_at(get(e), e["seeds"], e["eval_at"], budget), v)
                         c.update(setting=key, dataset=st["dataset"], objective=st["objective"],
                                  schedule=st["schedule"], model=st["model"], sampler=sampler, metric=name,
-                                 sampler_steps=steps, budget=budget, arm=arm)
+                                 sampler_steps=steps, budget=budget, arm=arm,
+                                 vanilla_works=vanilla_works(van, sampler, budget, (gaussian or {}).get(st["dataset"])))
                         rows.append(c)
     return rows
 
@@ -196,7 +215,16 @@ def robustness(cells: list[dict], family: dict) -> list[dict]:
         key = (family.get(c["dataset"], c["dataset"]), c["objective"], c["metric"], c["arm"])
         rows.setdefault(key, []).append(c)
     out = []
-    for (fam, obj, metric, arm), cs in rows.items():
+    for (fam, obj, metric, arm), all_cells in rows.items():
+        cs = [c for c in all_cells if c.get("vanilla_works") is not False]
+        excluded = len(all_cells) - len(cs)
+        if not cs:
+            out.append({"family": fam, "objective": obj, "metric": metric, "arm": arm, "cells": 0,
+                        "excluded": excluded, "n_better": 0, "n_worse": 0, "same_sign": False, "sign": 0.0,
+                        "units": 0, "pooled_mean_log_ratio": float("nan"), "p_pooled": float("nan"),
+                        "rel_min": float("nan"), "rel_max": float("nan"), "rel_median": float("nan"),
+                        "flips": [], "cells_detail": []})
+            continue
         signs = [np.sign(c["mean_log_ratio"]) for c in cs if math.isfinite(c["mean_log_ratio"])]
         n_better = sum(c["verdict"] == "better" for c in cs)
         n_worse = sum(c["verdict"] == "worse" for c in cs)
@@ -211,16 +239,18 @@ def robustness(cells: list[dict], family: dict) -> list[dict]:
         p = one_sample_t_p(unit_r)
         rels = [c["rel_change"] for c in cs if math.isfinite(c["rel_change"])]
         out.append({"family": fam, "objective": obj, "metric": metric, "arm": arm, "cells": len(cs),
-                    "n_better": n_better, "n_worse": n_worse, "same_sign": len(set(signs)) == 1 and 0 not in signs,
+                    "excluded": excluded, "n_better": n_better, "n_worse": n_worse, "same_sign": len(set(signs)) == 1 and 0 not in signs,
                     "sign": float(signs[0]) if signs else 0.0, "units": len(unit_r),
                     "pooled_mean_log_ratio": float(np.mean(unit_r)) if unit_r else float("nan"),
                     "p_pooled": p, "rel_min": min(rels) if rels else float("nan"),
                     "rel_max": max(rels) if rels else float("nan"),
                     "rel_median": float(np.median(rels)) if rels else float("nan"),
                     "flips": flip_axes(cs), "cells_detail": cs})
-    adjusted = benjamini_hochberg([r["p_pooled"] for r in out])
-    for r, q in zip(out, adjusted):
+    tested = [r for r in out if r["cells"]]
+    for r, q in zip(tested, benjamini_hochberg([r["p_pooled"] for r in tested])):
         r["p_bh"] = q
+    for r in out:
+        r.setdefault("p_bh", float("nan"))
         r["class"], r["label"] = classify(r)
     return out
 
@@ -240,8 +270,13 @@ def flip_axes(cells: list[dict]) -> list[str]:
 
 
 def classify(row: dict) -> tuple[str, str]:
-    """``(class, label)``: class is robust-better, robust-worse, depends or none."""
+    """``(class, label)``: class is robust-better, robust-worse, depends, none or unclassified."""
+    if not row["cells"]:
+        return "unclassified", (f"not classified (vanilla beats the moment-matched Gaussian in none of its "
+                                f"{row.get('excluded', 0)} cells)")
     cells = f"{row['cells']} cell{'s' if row['cells'] != 1 else ''}"
+    if row.get("excluded"):
+        cells += f"; {row['excluded']} left out: vanilla does not beat the Gaussian there"
     if (row["same_sign"] and math.isfinite(row["p_bh"]) and row["p_bh"] < ALPHA
             and abs(row["pooled_mean_log_ratio"]) >= MIN_EFFECT):
         word = "better" if row["sign"] < 0 else "worse"
