@@ -328,10 +328,25 @@ def _pairing_panel(ax, data: PreviewData):
     return n_rnd, n_asg
 
 
+def ranking_distances(data: PreviewData, stats: PreviewStats) -> tuple[np.ndarray, np.ndarray, str]:
+    """Candidate and random-noise squared distances in the space the candidates were ranked in, as % of
+    each sample's candidate mean: ``(candidates [B, M], random [B], space)``.
+
+    That is the pooled N x N space under coarse selection (``space`` = ``"pooled NxN"``), else the
+    full latent (``"full"``), so the chosen candidate sits where the ranking put it.
+    """
+    if data.pooled is not None and stats.coarse is not None:
+        cand, rand, mean, space = (data.pooled.distances, stats.random["coarse_distance"],
+                                   stats.coarse_candidate_mean, f"pooled {stats.coarse}x{stats.coarse}")
+    else:
+        cand, rand, mean, space = data.candidate_distances, stats.random["distance"], stats.candidate_mean, "full"
+    mean = np.maximum(mean, 1e-30)
+    rel = (cand.detach().to("cpu", torch.float64).numpy() / mean[:, None] - 1.0) * 100
+    return rel, (rand / mean - 1.0) * 100, space
+
+
 def _histogram_panel(ax, data: PreviewData, stats: PreviewStats, max_samples: int):
-    mean = np.maximum(stats.candidate_mean, 1e-30)
-    rel = (data.candidate_distances.detach().to("cpu", torch.float64).numpy() / mean[:, None] - 1.0) * 100
-    rand_rel = (stats.random["distance"] / mean - 1.0) * 100
+    rel, rand_rel, space = ranking_distances(data, stats)
     chosen = data.chosen.detach().to("cpu").long().numpy()
     cmap = _require_matplotlib().get_cmap("tab10")
     shown = min(len(rel), max_samples)
@@ -349,10 +364,12 @@ def _histogram_panel(ax, data: PreviewData, stats: PreviewStats, max_samples: in
     ax.set_xlim(bins[0] - pad, bins[-1] + pad)
     ax.plot([], [], color="gray", lw=2, ls="-", marker="v", label="chosen (assigned)")
     ax.plot([], [], color="gray", lw=1.2, ls=":", marker="v", mfc="white", label="random noise")
-    ax.set_xlabel("squared distance to latent, % vs candidate mean", fontsize=8)
+    where = "" if space == "full" else f" ({space}: the ranking space)"
+    ax.set_xlabel(f"squared distance to latent{where}, % vs candidate mean", fontsize=8)
     ax.set_ylabel("candidates", fontsize=8)
     n_cand = rel.shape[1]
-    ax.set_title(f"candidate distances ({n_cand} per sample)", fontsize=10, pad=12)
+    ax.set_title(f"candidate distances ({n_cand} per sample{'' if space == 'full' else ', ' + space})",
+                 fontsize=10, pad=12)
     ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
     ax.tick_params(labelsize=7)
 

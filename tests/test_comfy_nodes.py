@@ -350,6 +350,22 @@ def test_preview_shows_pooled_statistics_with_coarse(mode):
     assert "coarse_cosine" not in viz.stats_rows(plain.stats)[1] and "cos 2x2" not in plain.text
 
 
+def test_preview_histogram_ranks_in_the_pooled_space_under_coarse():
+    """The chosen candidate is the pooled-space nearest under coarse knn: the histogram shows that space."""
+    latent = _latent(3, 4, 8, 8)
+    res = cn.preview(latent, 16, "knn", "l2", 2, 0.5, coarse=2)
+    rel, rand, space = viz.ranking_distances(res.data, res.stats)
+    chosen = res.data.chosen.long().numpy()
+    assert space == "pooled 2x2" and rel.shape == (3, 16) and rand.shape == (3,)
+    np.testing.assert_allclose(rel[np.arange(3), chosen], rel.min(1))
+    full, _, full_space = viz.ranking_distances(res.data, viz.PreviewStats(**{**res.stats.__dict__, "coarse": None}))
+    assert full_space == "full" and not np.allclose(full, rel)
+    plain = cn.preview(latent, 16, "knn", "l2", 2, 0.5)
+    rel, _, space = viz.ranking_distances(plain.data, plain.stats)
+    assert space == "full"
+    np.testing.assert_allclose(rel[np.arange(3), plain.data.chosen.long().numpy()], rel.min(1))
+
+
 def test_preview_of_all_zero_latent_is_random_noise():
     res = cn.preview({"samples": torch.zeros(2, 4, 8, 8)}, 16, "knn", "l2", 5, 0.5)
     assert torch.equal(res.data.assigned_noise, res.data.random_noise)
