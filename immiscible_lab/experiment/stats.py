@@ -200,7 +200,7 @@ def cell_verdicts(summary: dict, gaussian: dict | None = None) -> list[dict]:
 # --------------------------------------------------------------------------- robustness
 
 
-def _axis_values(cell: dict, family_sizes: dict) -> dict:
+def _axis_values(cell: dict) -> dict:
     return {"size": cell["dataset"], "schedule": cell["schedule"], "model": cell["model"],
             "budget": cell["budget"], "sampler": cell["sampler"]}
 
@@ -217,14 +217,7 @@ def robustness(cells: list[dict], family: dict) -> list[dict]:
     out = []
     for (fam, obj, metric, arm), all_cells in rows.items():
         cs = [c for c in all_cells if c.get("vanilla_works") is not False]
-        excluded = len(all_cells) - len(cs)
-        if not cs:
-            out.append({"family": fam, "objective": obj, "metric": metric, "arm": arm, "cells": 0,
-                        "excluded": excluded, "n_better": 0, "n_worse": 0, "same_sign": False, "sign": 0.0,
-                        "units": 0, "pooled_mean_log_ratio": float("nan"), "p_pooled": float("nan"),
-                        "rel_min": float("nan"), "rel_max": float("nan"), "rel_median": float("nan"),
-                        "flips": [], "cells_detail": []})
-            continue
+        excluded = len(all_cells) - len(cs)   # a row left with no cell gets NaN statistics: "not classified"
         signs = [np.sign(c["mean_log_ratio"]) for c in cs if math.isfinite(c["mean_log_ratio"])]
         n_better = sum(c["verdict"] == "better" for c in cs)
         n_worse = sum(c["verdict"] == "worse" for c in cs)
@@ -246,11 +239,9 @@ def robustness(cells: list[dict], family: dict) -> list[dict]:
                     "rel_max": max(rels) if rels else float("nan"),
                     "rel_median": float(np.median(rels)) if rels else float("nan"),
                     "flips": flip_axes(cs), "cells_detail": cs})
-    tested = [r for r in out if r["cells"]]
-    for r, q in zip(tested, benjamini_hochberg([r["p_pooled"] for r in tested])):
+    adjusted = benjamini_hochberg([r["p_pooled"] for r in out])   # NaN rows (no cell) do not count
+    for r, q in zip(out, adjusted):
         r["p_bh"] = q
-    for r in out:
-        r.setdefault("p_bh", float("nan"))
         r["class"], r["label"] = classify(r)
     return out
 
@@ -261,7 +252,7 @@ def flip_axes(cells: list[dict]) -> list[str]:
     for axis in AXES:
         groups: dict = {}
         for c in cells:
-            vals = _axis_values(c, {})
+            vals = _axis_values(c)
             rest = tuple(v for a, v in vals.items() if a != axis)
             groups.setdefault(rest, []).append(np.sign(c["mean_log_ratio"]))
         if any(1.0 in g and -1.0 in g for g in groups.values()):
