@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from .metrics import pooled_cosine
+
 DEFAULT_DIMS = (2, 64, 3072, 16384, 65536, 262144)
 DEFAULT_KS = (4, 64)
 #: candidate elements drawn per table cell (bounds the time of the large-D cells)
@@ -54,15 +56,10 @@ def effect_row(dim: int, k: int, *, mode: str = "knn", metric: str = "l2", batch
     red = info.reduction_per_sample.double()
     std = noise.double().flatten(1).square().mean(1).sqrt()
     cos = info.cosine.double()
-    pooled = float("nan")
-    if len(shape) == 3:
-        n = coarse or min(POOLED_N, shape[-1])
-        pool = torch.nn.functional.adaptive_avg_pool2d
-        pooled = float(torch.nn.functional.cosine_similarity(pool(noise.double(), n).flatten(1),
-                                                             pool(latents.double(), n).flatten(1), dim=1).mean())
+    pooled_n = (coarse or min(POOLED_N, shape[-1])) if len(shape) == 3 else None
     return {
         "D": dim, "shape": list(shape), "mode": mode, "metric": metric, "coarse": coarse, "k": k, "batch": batch,
-        "pooled_cosine": pooled, "pooled_n": (coarse or min(POOLED_N, shape[-1])) if len(shape) == 3 else None,
+        "pooled_cosine": pooled_cosine(noise, latents, pooled_n) if pooled_n else float("nan"), "pooled_n": pooled_n,
         "reduction": float(red.mean()), "reduction_sem": _sem(red),
         "l2_reduction": float(1.0 - (1.0 - red).clamp_min(0).sqrt().mean()),
         "noise_std": float(std.mean()), "noise_std_sem": _sem(std),

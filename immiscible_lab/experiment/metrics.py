@@ -1,11 +1,14 @@
 """Distances between sample sets, computed in a fixed space, and flow straightness.
 
-All functions are pure, take float tensors of shape ``(N, D)`` and return Python floats.
+All functions are pure, take float tensors of shape ``(N, D)`` (``pooled_cosine``: image-shaped
+``(N, ..., H, W)``) and return Python floats.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from immiscible import coarse_pool
 
 
 def w2_exact(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -32,10 +35,6 @@ def w2_exact(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(np.sqrt(cost[rows, cols].mean()))
 
 
-def _rbf_mean(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return torch.exp(-torch.cdist(a, b).square() / (2.0 * bandwidth**2)).mean()
-
-
 def mmd_rbf(x: torch.Tensor, y: torch.Tensor, *, bandwidth: float = 1.0) -> float:
     """Squared maximum mean discrepancy with kernel ``exp(-|a - b|^2 / (2 bandwidth^2))``.
 
@@ -46,9 +45,7 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, *, bandwidth: float = 1.0) -> floa
     x : Tensor, shape (N, D)
     y : Tensor, shape (M, D)
     """
-    x, y = x.double(), y.double()
-    value = _rbf_mean(x, x, bandwidth) + _rbf_mean(y, y, bandwidth) - 2.0 * _rbf_mean(x, y, bandwidth)
-    return float(value.clamp_min(0.0))
+    return mmd_rbf_multi(x, y, (bandwidth,))
 
 
 def mmd_rbf_multi(x: torch.Tensor, y: torch.Tensor, bandwidths) -> float:
@@ -98,6 +95,14 @@ def frechet_gaussian(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Frechet distance between Gaussians fit to feature sets ``x`` (N, F) and ``y`` (M, F)."""
     return frechet_gaussian(*gaussian_moments(x), *gaussian_moments(y))
+
+
+def pooled_cosine(x: torch.Tensor, y: torch.Tensor, size: int) -> float:
+    """Mean cosine between ``x`` and ``y`` (``[B, ..., H, W]``) after both are average-pooled to
+    ``size x size`` over the last two dimensions (``immiscible.coarse_pool``: the space coarse selection
+    ranks in)."""
+    return float(torch.nn.functional.cosine_similarity(coarse_pool(x, size).double(), coarse_pool(y, size).double(),
+                                                       dim=1).mean())
 
 
 def straightness_gap(x_one_step: torch.Tensor, x_many_steps: torch.Tensor) -> float:

@@ -82,13 +82,6 @@ def optimizer_settings(cfg: TrainConfig, model: str) -> tuple[float, float]:
             cfg.ema_decay if cfg.ema_decay is not None else family["ema_decay"])
 
 
-def _pooled_cosine(x0: torch.Tensor, noise: torch.Tensor, shape: tuple, n: int = 4) -> float:
-    pool = torch.nn.functional.adaptive_avg_pool2d
-    a = pool(x0.view(-1, *shape), n).flatten(1)
-    b = pool(noise.view(-1, *shape), n).flatten(1)
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
-
-
 def _evaluate(model, data: Dataset, objective: str, cfg: TrainConfig, alpha_bar, eval_noise, val) -> dict:
     out = {"quality": {}, "straightness": {}}
     reference = data.holdout[: cfg.eval_samples]
@@ -161,7 +154,7 @@ def train_run(data: Dataset, objective: str, arm: Arm, seed: int, cfg: TrainConf
         sq_dist += float((x0 - noise).square().mean())
         cosine += float(torch.nn.functional.cosine_similarity(x0, noise, dim=1).mean())
         if shape is not None and min(shape[-2:]) >= 4:
-            pooled += _pooled_cosine(x0, noise, shape)
+            pooled += metrics.pooled_cosine(x0.view(-1, *shape), noise.view(-1, *shape), 4)
         if step % cfg.log_every == 0 or step == cfg.steps:
             result.loss_at.append(step)
             result.train_loss.append(sum(window) / len(window))
