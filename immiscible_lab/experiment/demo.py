@@ -63,7 +63,7 @@ def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", pro
     with ThreadPoolExecutor(1) as side:  # the baselines load every data set while the workers train
         baselines = side.submit(_baselines, cfg)
         with _bar(total_steps, f"train {len(tasks)} runs", progress) as bar:
-            run_dicts = run_grid(cfg, progress=bar.update)
+            run_dicts = run_grid(cfg, progress=bar.update, finished=finished)
         floors, gaussian = baselines.result()
     train_seconds = time.perf_counter() - start
     threads = torch.get_num_threads()

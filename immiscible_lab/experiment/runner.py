@@ -249,16 +249,17 @@ def load_finished(path: str) -> dict:
     return done
 
 
-def run_grid(cfg: DemoConfig, *, progress=None) -> list[dict]:
+def run_grid(cfg: DemoConfig, *, progress=None, finished: dict | None = None) -> list[dict]:
     """Train every run of the grid not yet in ``cfg.out/runs.jsonl`` (with ``cfg.resume``); returns run dicts.
 
     ``progress(n_steps)`` is called as runs advance. Each finished run is appended to the file at
-    once, so an interrupted grid loses at most the runs in flight.
+    once, so an interrupted grid loses at most the runs in flight. ``finished``: that file's runs
+    when the caller has read them already (:func:`load_finished`).
     """
     tasks = cfg.tasks()
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, RUNS_FILE)
-    done = load_finished(path) if cfg.resume else {}
+    done = (finished if finished is not None else load_finished(path)) if cfg.resume else {}
     if not cfg.resume and os.path.exists(path):
         os.remove(path)
     keys = [task_key(t) for t in tasks]
