@@ -195,4 +195,3 @@ def report_points(rows, trainers, needed: set, say) -> bool:
     for script, what, problem in trainers:
         say(f"  {'BROKEN' if problem else 'ok':<7} {script}: {what}")
     return not any(status.state == BROKEN and name in needed for name, status in rows)
-

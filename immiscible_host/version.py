@@ -59,4 +59,3 @@ def describe_tree(root: Path, fingerprint_of_tree: str | None, known: dict, *, w
     if name:
         return f"{declared}, identified as {name} by {what} (not a git checkout)"
     return f"{declared} (not a git checkout; {what} match no tested version)"
-

@@ -49,6 +49,7 @@ def _optim_text(t: dict) -> str:
     return "Adam lr / bias-corrected weight EMA per model family: " + ", ".join(
         f"{m} {lr} / {ema}" for m, (lr, ema) in family.items())
 
+
 def expected_files(datasets) -> list[str]:
     """Every file ``write_report`` produces for these data sets."""
     return list(REPORT_FILES) + [f.format(d) for d in datasets for f in PER_DATASET_FILES]
