@@ -293,3 +293,14 @@ def test_resume_keeps_finished_runs(tmp_path, monkeypatch):
     calls.clear()
     runner.run_grid(cfg)
     assert len(calls) == 4
+
+
+def test_model_cost_benchmark_times_every_family_at_every_shape():
+    from immiscible_lab import model_cost
+
+    rows = model_cost.run(shapes=((3, 8, 8),), batch=4, repeats=1)
+    assert [r["model"] for r in rows] == list(model_cost.FAMILIES)
+    assert all(r["D"] == 192 and r["ms_per_step"] > 0 for r in rows)
+    assert [r["vs_resmlp"] for r in rows if r["model"] == "resmlp"] == [1.0]
+    conv = model_cost.build("conv", (3, 8, 8))
+    assert conv(torch.randn(2, 192), torch.rand(2)).shape == (2, 192)
