@@ -218,6 +218,10 @@ def test_cli_overrides_and_validation():
         demo_config(build_parser().parse_args(["demo", "--arms", "knn-l2-4"]))   # no vanilla
     with pytest.raises(ValueError):
         demo_config(build_parser().parse_args(["demo", "--seeds", "1"]))
+    with pytest.raises(ValueError, match=r"--ema-decay must lie in \[0, 1\)"):
+        demo_config(build_parser().parse_args(["demo", "--ema-decay", "1"]))   # 1 - 1^step = 0
+    with pytest.raises(ValueError, match="--lr must be > 0"):
+        demo_config(build_parser().parse_args(["demo", "--lr", "0"]))
 
 
 def test_effect_command(capsys):

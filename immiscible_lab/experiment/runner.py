@@ -134,6 +134,11 @@ class DemoConfig:
             raise ValueError("steps, batch_size and evals must be >= 1 and eval_samples >= 8")
         if not t.sampler_steps or min(t.sampler_steps) < 1:
             raise ValueError(f"sampler_steps must be positive integers, got {t.sampler_steps}")
+        if t.lr is not None and not t.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {t.lr}")
+        if t.ema_decay is not None and not 0 <= t.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie in [0, 1) (the EMA is bias-corrected by 1 - decay^step), "
+                             f"got {t.ema_decay}")
         if any(b < 1 or b > t.steps for b in t.budgets):
             raise ValueError(f"budgets must lie in [1, steps={t.steps}], got {t.budgets}")
 
