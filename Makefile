@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: venv
-	$(BIN)/python -m immiscible demo $(DEMO_ARGS)
+	$(BIN)/python -m immiscible_lab demo $(DEMO_ARGS)
 
 bench: venv
 	$(BIN)/python -m immiscible_lab.bench --quick

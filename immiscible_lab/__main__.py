@@ -1,4 +1,4 @@
-"""Command line: ``python -m immiscible demo`` (the A/B experiment) and ``python -m immiscible effect``."""
+"""Command line: ``python -m immiscible_lab demo`` (the A/B experiment) and ``python -m immiscible_lab effect``."""
 from __future__ import annotations
 
 import argparse
@@ -110,7 +110,7 @@ def _demo(args) -> int:
     from .experiment.report import robust_lines
 
     cfg = demo_config(args)
-    command = "python -m immiscible " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m immiscible_lab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_demo(cfg, command=command, progress=not args.no_progress)
     print("\nEffect size: distance reduction, noise std and cosine against D and k "
           "(standard-normal latents, immiscible.select_noise)\n")
@@ -158,7 +158,7 @@ def _effect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m immiscible",
+        prog="python -m immiscible_lab",
         description="Immiscible diffusion noise assignment. Commands: 'demo' runs the built-in A/B experiment "
                     "(does pairing noise with latents help small diffusion models?) and 'effect' prints how large "
                     "the pairing's effect on distances is for a given latent size D and candidate count k.")

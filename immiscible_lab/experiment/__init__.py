@@ -1,4 +1,4 @@
-"""The built-in A/B experiment behind ``python -m immiscible demo``.
+"""The built-in A/B experiment behind ``python -m immiscible_lab demo``.
 
 Small diffusion models (eps-prediction DDPM and rectified flow) trained on data shipped with
 scikit-learn or drawn with a fixed seed, under vanilla, knn and assign noise pairing, at equal

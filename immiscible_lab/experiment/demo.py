@@ -46,7 +46,7 @@ def _baselines(cfg: DemoConfig) -> tuple[dict, dict]:
     return floors, gaussian
 
 
-def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible demo", progress: bool = True) -> dict:
+def run_demo(cfg: DemoConfig, *, command: str = "python -m immiscible_lab demo", progress: bool = True) -> dict:
     """Run everything ``cfg`` asks for and write the report folder ``cfg.out``.
 
     Returns the dict written to ``results.json`` plus ``"files"``, the paths written.

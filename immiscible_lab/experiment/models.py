@@ -108,7 +108,7 @@ MODELS = ("mlp", "resmlp")
 #: from a slower EMA (patches32 at 2500 steps: 0.037-0.039 at 1e-3 / 0.995, 0.017-0.028 at 2e-3 /
 #: 0.999; digits at 4000 steps: 0.0043-0.0047 against 0.0039-0.0044); the plain MLP, without norms,
 #: got worse at 2e-3 in a single-seed check, so it keeps 1e-3 / 0.995. To redo the comparison:
-#: ``python -m immiscible demo --datasets patches32 --objectives ddpm --models resmlp --arms vanilla
+#: ``python -m immiscible_lab demo --datasets patches32 --objectives ddpm --models resmlp --arms vanilla
 #: --seeds 2 --steps 2500 --sampler-steps 32 --clip off --lr 1e-3 --ema-decay 0.995`` (then 2e-3 / 0.999).
 FAMILY_OPTIM = {"mlp": {"lr": 1e-3, "ema_decay": 0.995}, "resmlp": {"lr": 2e-3, "ema_decay": 0.999}}
 

@@ -48,7 +48,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything the demo runs; every field is a CLI option of ``python -m immiscible demo``."""
+    """Everything the demo runs; every field is a CLI option of ``python -m immiscible_lab demo``."""
 
     datasets: tuple[str, ...] = ("gmm", "digits")
     objectives: tuple[str, ...] = diffusion.OBJECTIVES
