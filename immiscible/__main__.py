@@ -1,19 +1,20 @@
-"""``python -m immiscible demo|effect``: a thin entry to the A/B lab, which lives in ``immiscible_lab``.
+"""``python -m immiscible``: the selector has no command line; it names the lab's.
 
-The selector itself never imports the lab; only this command-line entry does, when it runs.
+The A/B demo and the effect table live in ``immiscible_lab`` (``python -m immiscible_lab demo|effect``).
+This module does not import the lab: the core never does.
 """
 from __future__ import annotations
 
 import sys
 
+MESSAGE = ("immiscible is a library (immiscible.select_noise); it has no commands. The A/B demo and the "
+           "effect table moved to the lab: python -m immiscible_lab demo | python -m immiscible_lab effect "
+           "(needs pip install 'immiscible-diffusion[demo]')\n")
+
 
 def main(argv=None) -> int:
-    try:
-        from immiscible_lab.__main__ import main as lab_main
-    except ImportError as exc:  # pragma: no cover - only without the lab's extras
-        sys.stderr.write(f"python -m immiscible needs the lab: pip install 'immiscible-diffusion[demo]' ({exc})\n")
-        return 2
-    return lab_main(argv)
+    sys.stderr.write(MESSAGE)
+    return 2
 
 
 if __name__ == "__main__":

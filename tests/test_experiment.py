@@ -147,7 +147,7 @@ def test_paired_verdict_rule():
 @pytest.mark.slow
 def test_demo_writes_every_report_file(tmp_path):
     pytest.importorskip("matplotlib")
-    from immiscible.__main__ import main
+    from immiscible_lab.__main__ import main
     from immiscible_lab.experiment.report import expected_files
 
     out = tmp_path / "report"
@@ -169,14 +169,14 @@ def test_demo_writes_every_report_file(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_from_the_command_line_writes_every_report_file(tmp_path):
-    """What CI smoke-tests: ``python -m immiscible demo --quick``, run the way a user runs it."""
+    """What CI smoke-tests: ``python -m immiscible_lab demo --quick``, run the way a user runs it."""
     import subprocess
     import sys
 
     from immiscible_lab.experiment.report import expected_files
 
     out = tmp_path / "quick"
-    proc = subprocess.run([sys.executable, "-m", "immiscible", "demo", "--quick", "--out", str(out), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "immiscible_lab", "demo", "--quick", "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
@@ -225,8 +225,21 @@ def test_cli_overrides_and_validation():
 
 
 def test_effect_command(capsys):
-    from immiscible.__main__ import main
+    from immiscible_lab.__main__ import main
 
     assert main(["effect", "--dims", "2,64", "--ks", "4", "--assign-batch", "8"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 5 and "| 64 | 1x8x8 | knn | l2 | - | 4 |" in out
+
+
+def test_python_m_immiscible_names_the_lab_command_without_importing_the_lab():
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "try:\n    runpy.run_module('immiscible', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print(rc, any(m == 'immiscible_lab' or m.startswith('immiscible_lab.') for m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    assert "python -m immiscible_lab demo" in proc.stderr
