@@ -2,7 +2,7 @@
 # GPU check, for a lent CUDA machine (about 3-5 minutes):
 #   1. the test suite with the Triton kernels compiled (TRITON_INTERPRET unset), CUDA-only tests included;
 #   2. python -m immiscible_lab.bench --quick on CUDA, JSON included;
-#   3. python -m immiscible.kernels.aot --time --bench: the kernels compiled for every architecture, then
+#   3. python -m immiscible_lab.kernel_report.aot --time --bench: the kernels compiled for every architecture, then
 #      timed on this GPU and the bench rows, each beside the PREDICTED time (checks the model).
 # Logs and JSON go to $OUT (or ./gpu-check-out); a short table is printed last.
 set -uo pipefail
@@ -24,7 +24,7 @@ test_rc=${PIPESTATUS[0]}
 timeout 240 $PY -m immiscible_lab.bench --quick --device cuda --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 
-timeout 180 $PY -m immiscible.kernels.aot --time --bench "$OUT/bench_cuda.json" --json "$OUT/aot.json" 2>&1 \
+timeout 180 $PY -m immiscible_lab.kernel_report.aot --time --bench "$OUT/bench_cuda.json" --json "$OUT/aot.json" 2>&1 \
     | tee "$OUT/aot.log"
 aot_rc=${PIPESTATUS[0]}
 

@@ -1,4 +1,4 @@
-"""The Triton kernels compiled for every GPU generation without a GPU (immiscible/kernels/aot.py).
+"""The Triton kernels compiled for every GPU generation without a GPU (immiscible_lab/kernel_report/aot.py).
 
 One subprocess (TRITON_INTERPRET unset, a temporary TRITON_CACHE_DIR) binds every launch the
 launchers would make on CUDA over representative shapes, compiles each distinct variant for
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-from immiscible.kernels import aot, perf_model  # noqa: E402
+from immiscible_lab.kernel_report import aot, perf_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"knn_partial_scores_kernel", "write_candidates_kernel"}
@@ -25,7 +25,7 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aot")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp / "cache"), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "immiscible.kernels.aot", "--json", str(tmp / "aot.json")],
+    proc = subprocess.run([sys.executable, "-m", "immiscible_lab.kernel_report.aot", "--json", str(tmp / "aot.json")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert (tmp / "aot.json").exists(), f"aot failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads((tmp / "aot.json").read_text())
@@ -80,13 +80,20 @@ def test_occupancy_follows_the_register_file_per_subpartition(arch, registers, b
     assert perf_model.occupancy(arch, registers, 4, 64)["blocks_per_sm"] == blocks
 
 
-def test_pipes_of_common_opcodes():
-    assert perf_model.pipe("FFMA.FTZ") == ("fma", 1)
-    assert perf_model.pipe("IMAD.HI.U32") == ("imad", 2) and perf_model.pipe("IMAD.MOV.U32") == ("imad", 1)
-    assert perf_model.pipe("MUFU.SQRT") == ("xu", 1) and perf_model.pipe("LOP3.LUT") == ("alu", 1)
-    assert perf_model.pipe("UIADD3") == ("uniform", 1) and perf_model.pipe("LDG.E") == ("lsu", 1)
-    slots = perf_model.pipe_slots({"FFMA": 4, "IMAD.HI.U32": 2, "LOP3.LUT": 3})
-    assert slots == {"issue": 9, "fma": 8, "imad": 4, "alu": 3}
+def test_the_cycle_model_charges_each_step_to_its_busiest_pipe():
+    # uniform-datapath and control instructions take an issue slot and no pipe
+    assert perf_model.cycles({"UIADD3": 10, "BRA": 5}, 90) == (15, "issue")
+    # A100 has half the FP32 lanes per SMSP: an FFMA stream takes twice as long there and is pipe-bound
+    a100, ga10x = perf_model.cycles({"FFMA.FTZ": 64}, 80), perf_model.cycles({"FFMA.FTZ": 64}, 86)
+    assert a100 == (2 * ga10x[0], "fma") and ga10x[0] == 64
+    # a 32-bit multiply-high (Philox's) takes two IMAD slots: twice a plain IMAD, and IMAD-bound
+    hi, mov = perf_model.cycles({"IMAD.HI.U32": 8}, 90), perf_model.cycles({"IMAD.MOV.U32": 8}, 90)
+    assert hi == (2 * mov[0], "imad") and hi[0] > 8
+    # IMAD shares the FMA pipe: FFMAs with IMADs take longer than FFMAs with as many logic ops (ALU pipe)
+    assert perf_model.cycles({"FFMA": 32, "IMAD": 32}, 80) == (128, "fma")
+    assert perf_model.cycles({"FFMA": 32, "LOP3.LUT": 32}, 80)[0] == 64
+    # transcendentals (MUFU) run at 1/8 rate: a few of them bind a step full of cheap work
+    assert perf_model.cycles({"MUFU.LG2": 4, "FFMA": 8}, 90) == (32, "xu")
 
 
 SASS = """

@@ -37,12 +37,12 @@ def test_compiled_kernels_keep_to_the_aot_resource_gate_on_this_gpu(plan_of):
     # tests/test_aot.py checks every architecture's ptxas report without a GPU; this is the driver's
     # view of the one at hand.
     pytest.importorskip("triton")
-    from immiscible.kernels import aot, philox_knn
+    from immiscible_lab.kernel_report import aot, plan as plans
 
     x = torch.randn(4, 65536, device="cuda")
     ids = torch.arange(4, device="cuda")
-    plan = (philox_knn.knn_partial_scores_plan(x, 64, 1, ids) if plan_of == "knn"
-            else philox_knn.write_candidates_plan(torch.empty_like(x), 1, ids, ids, 0))
+    plan = (plans.knn_plan(x, 64, 1, ids) if plan_of == "knn"
+            else plans.write_plan(torch.empty_like(x), 1, ids, ids, 0))
     kernel = plan.launch()
     torch.cuda.synchronize()
     assert kernel.n_spills == 0 and kernel.n_regs <= aot.MAX_REGISTERS, (kernel.n_regs, kernel.n_spills)

@@ -75,11 +75,10 @@ def test_partial_scores_split_over_d_match_the_unsplit_sums():
     # On a GPU the launcher splits D across programs when B * ceil(k / BLOCK_J) is small; the
     # interpreter does not by default, so this runs that path explicitly.
     x = torch.randn(2, 3001, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    plan = philox_knn.knn_partial_scores_plan(x, 5, 99, split_d=True)
-    assert plan.grid[2] > 1
-    plan.launch()
-    nn, xn = (t.sum(-1) for t in plan.outputs)
-    nn1, xn1 = philox_knn.knn_partial_scores(x, 5, 99)
+    grid, *_ = philox_knn.knn_partial_scores_launch(x, 5, 99, split_d=True)
+    assert grid[2] > 1
+    nn, xn = philox_knn.knn_partial_scores(x, 5, 99, split_d=True)
+    nn1, xn1 = philox_knn.knn_partial_scores(x, 5, 99, split_d=False)
     torch.testing.assert_close(nn, nn1, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(xn, xn1, rtol=1e-5, atol=1e-3)
     cands = torch.empty(10, 3001, device=DEVICE)

@@ -1,9 +1,10 @@
 """Fused KNN noise selection in Triton: generate, score, arg-min, regenerate the winner.
 
-Layout follows Triton's tutorials: kernels, then launchers. Each launcher runs a launch plan
-(``*_plan``: grid, arguments, constexprs, options) that ``aot.py`` also binds and compiles for every
-GPU generation. The reference is ``philox_ref.py`` beside this file, the tests are
-``tests/test_triton_kernel.py`` and ``tests/test_aot.py``, and the benchmark is ``immiscible_lab/bench.py``.
+Layout follows Triton's tutorials: kernels, then launchers. Each launcher runs what its
+``*_launch`` function works out (grid, arguments, constexprs; ``OPTIONS``), which the kernel report
+(``immiscible_lab/kernel_report``) also binds and compiles for every GPU generation. The reference
+is ``philox_ref.py`` beside this file, the tests are ``tests/test_triton_kernel.py`` and
+``tests/test_aot.py``, and the benchmark is ``immiscible_lab/bench.py``.
 
 Candidate noise is a pure function of ``(seed, sample id, index, stream, element)``: Philox4x32-10
 with counter ``(element // 4, index, sample, stream)`` gives four uniforms, Box-Muller turns them
@@ -16,8 +17,6 @@ whatever ``k`` is.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import triton
@@ -29,7 +28,7 @@ from .philox_ref import COS_COEFFS, ROUND, SIN_COEFFS
 BLOCK_J = 4      # candidates per program: the latent tile is read once for all of them
 BLOCK_M = 256    # Philox blocks per step: 4 * BLOCK_M = 1024 elements
 TARGET_PROGRAMS = 1024
-X_DTYPES = (torch.float32,)      # what the launchers pass; aot.py compiles each
+X_DTYPES = (torch.float32,)      # what the launchers pass; the kernel report compiles each
 OUT_DTYPES = (torch.float32,)
 
 # Specialization: every access is a strided scalar load or store and every integer only feeds
@@ -154,30 +153,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
-    """One kernel launch, worked out without launching: what the launcher runs and what
-    ``aot.py`` binds and compiles for every GPU generation (with meta tensors)."""
-
-    kernel: Any                    # the @triton.jit function
-    grid: tuple[int, int, int]
-    args: tuple                    # runtime arguments, in the kernel's order
-    constexprs: dict[str, int]
-    outputs: tuple = ()            # tensors the launch fills
-    options: dict = field(default_factory=lambda: dict(OPTIONS))
-
-    def launch(self):
-        """Run it; returns Triton's compiled kernel (``n_regs``, ``n_spills`` on a GPU)."""
-        return self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
-
-
 def _check_dtype(name: str, t: torch.Tensor, allowed: tuple) -> None:
     assert t.dtype in allowed, f"{name} must be one of {allowed} (the AOT-compiled variants), got {t.dtype}"
 
 
-def knn_partial_scores_plan(x: torch.Tensor, k: int, seed: int, sample_ids: torch.Tensor | None = None, *,
-                            split_d: bool | None = None) -> LaunchPlan:
-    """The launch of :func:`knn_partial_scores`; outputs ``(nn, xn)``, each ``[B, k, splits]``.
+def knn_partial_scores_launch(x: torch.Tensor, k: int, seed: int, sample_ids: torch.Tensor | None = None, *,
+                              split_d: bool | None = None):
+    """``(grid, args, constexprs, (nn, xn))`` of :func:`knn_partial_scores`'s launch; ``nn`` and ``xn``
+    are ``[B, k, splits]``, allocated, not yet filled.
 
     ``split_d`` spreads D over several programs when ``B * ceil(k / BLOCK_J)`` is small; by default
     it does so on a GPU and not under the interpreter (where each program is slow to run).
@@ -196,32 +179,31 @@ def knn_partial_scores_plan(x: torch.Tensor, k: int, seed: int, sample_ids: torc
     sample_ids = sample_ids.to(x.device, torch.int64).contiguous()
     nn = torch.empty(batch, k, splits, dtype=torch.float32, device=x.device)
     xn = torch.empty_like(nn)
-    return LaunchPlan(knn_partial_scores_kernel, (batch, triton.cdiv(k, BLOCK_J), splits),
-                      (x, sample_ids, nn, xn, seed, numel, d4, k, split_m, splits, x.stride(0)),
-                      {"BLOCK_J": BLOCK_J, "BLOCK_M": BLOCK_M}, (nn, xn))
+    return ((batch, triton.cdiv(k, BLOCK_J), splits),
+            (x, sample_ids, nn, xn, seed, numel, d4, k, split_m, splits, x.stride(0)),
+            {"BLOCK_J": BLOCK_J, "BLOCK_M": BLOCK_M}, (nn, xn))
 
 
-def knn_partial_scores(x: torch.Tensor, k: int, seed: int, sample_ids: torch.Tensor | None = None):
+def knn_partial_scores(x: torch.Tensor, k: int, seed: int, sample_ids: torch.Tensor | None = None, *,
+                       split_d: bool | None = None):
     """``(|n|^2, x.n)`` as fp32 ``[B, k]`` for every candidate of every sample, never materialized.
 
     Row ``b``'s candidates are those of sample id ``sample_ids[b]`` (default: ``b``).
     """
-    plan = knn_partial_scores_plan(x, k, seed, sample_ids)
-    plan.launch()
-    nn, xn = plan.outputs
+    grid, args, constexprs, (nn, xn) = knn_partial_scores_launch(x, k, seed, sample_ids, split_d=split_d)
+    knn_partial_scores_kernel[grid](*args, **constexprs, **OPTIONS)
     return nn.sum(-1), xn.sum(-1)
 
 
-def write_candidates_plan(out: torch.Tensor, seed: int, sample: torch.Tensor, index: torch.Tensor,
-                          stream: int) -> LaunchPlan:
-    """The launch of :func:`write_candidates` (``out`` has at least one row)."""
+def write_candidates_launch(out: torch.Tensor, seed: int, sample: torch.Tensor, index: torch.Tensor, stream: int):
+    """``(grid, args, constexprs, (out,))`` of :func:`write_candidates`'s launch (``out`` has at least one row)."""
     _check_dtype("out", out, OUT_DTYPES)
     rows, numel = out.shape
     d4 = triton.cdiv(numel, 4)
     sample = sample.to(out.device, torch.int64).contiguous()
     index = index.to(out.device, torch.int64).contiguous()
-    return LaunchPlan(write_candidates_kernel, (rows, min(triton.cdiv(d4, BLOCK_M), MAX_GRID_YZ), 1),
-                      (out, sample, index, seed, stream, numel, d4, out.stride(0)), {"BLOCK_M": BLOCK_M}, (out,))
+    return ((rows, min(triton.cdiv(d4, BLOCK_M), MAX_GRID_YZ), 1),
+            (out, sample, index, seed, stream, numel, d4, out.stride(0)), {"BLOCK_M": BLOCK_M}, (out,))
 
 
 def write_candidates(out: torch.Tensor, seed: int, sample: torch.Tensor, index: torch.Tensor,
@@ -229,5 +211,6 @@ def write_candidates(out: torch.Tensor, seed: int, sample: torch.Tensor, index: 
     """Fill fp32 ``out[r]`` ([R, D], rows contiguous) with candidate ``(sample[r], index[r])``."""
     if out.shape[0] == 0:
         return out
-    write_candidates_plan(out, seed, sample, index, stream).launch()
+    grid, args, constexprs, _ = write_candidates_launch(out, seed, sample, index, stream)
+    write_candidates_kernel[grid](*args, **constexprs, **OPTIONS)
     return out

@@ -1,14 +1,15 @@
 """The Triton kernels compiled ahead of time for every GPU generation, without a GPU.
 
-    python -m immiscible.kernels.aot [--json PATH] [--arch sm_90 ...] [--time] [--bench BENCH_JSON]
+    python -m immiscible_lab.kernel_report.aot [--json PATH] [--arch sm_90 ...] [--time] [--bench BENCH_JSON]
 
-The launchers' own launch plans (``philox_knn.*_plan``) are built over representative shapes on
-the ``meta`` device, as on CUDA (``split_d=True``); Triton's own binder turns each into the
-signature, constexprs and specialization attributes a GPU launch would compile, and every distinct
-variant is compiled for each target with the ptxas and nvdisasm that ship in the triton wheel. For
-each variant and target it reports registers, stack, shared memory, spills, occupancy and the hot
-path's SASS; ``perf_model.py`` turns those into a time that is PREDICTED, not measured. On a CUDA
-machine ``--time`` times the kernels beside the prediction and ``--bench`` reads a bench JSON.
+The launchers' own launches (``philox_knn.*_launch``, wrapped as ``plan.py``'s launch plans) are
+built over representative shapes on the ``meta`` device, as on CUDA (``split_d=True``); Triton's
+own binder turns each into the signature, constexprs and specialization attributes a GPU launch
+would compile, and every distinct variant is compiled for each target with the ptxas and nvdisasm
+that ship in the triton wheel. For each variant and target it reports registers, stack, shared
+memory, spills, occupancy and the hot path's SASS; ``perf_model.py`` turns those into a time that
+is PREDICTED, not measured. On a CUDA machine ``--time`` times the kernels beside the prediction
+and ``--bench`` reads a bench JSON.
 Must run without ``TRITON_INTERPRET`` (the tests run it in a subprocess).
 """
 from __future__ import annotations
@@ -30,7 +31,10 @@ from pathlib import Path
 
 import torch
 
-from . import philox_knn, perf_model
+from immiscible.kernels import philox_knn
+
+from . import perf_model
+from .plan import knn_plan, write_plan
 
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_100": 100, "sm_120": 120}
 MAX_REGISTERS = 128  # per thread at 4 warps: keeps at least 4 programs (16 warps) on every SM
@@ -53,7 +57,7 @@ def knn_plans():
     for (b, k, d), offset, seed, ids, dtype in itertools.product(
             itertools.product(*KNN_SHAPES.values()), (0, 1), SEEDS, (None, "view"), philox_knn.X_DTYPES):
         sample_ids = None if ids is None else torch.empty(b + 1, dtype=torch.int64, device="meta")[1:]
-        plan = philox_knn.knn_partial_scores_plan(_meta(b, d, offset, dtype), k, seed, sample_ids, split_d=True)
+        plan = knn_plan(_meta(b, d, offset, dtype), k, seed, sample_ids, split_d=True)
         yield f"B={b} k={k} D={d} offset={offset} seed={seed} ids={ids} {dtype}", plan
 
 
@@ -64,7 +68,7 @@ def write_plans():
         sample = torch.empty(rows, dtype=torch.int64, device="meta")
         out = _meta(rows, d, offset, dtype)
         yield (f"rows={rows} D={d} offset={offset} seed={seed} stream={stream} {dtype}",
-               philox_knn.write_candidates_plan(out, seed, sample, sample, stream))
+               write_plan(out, seed, sample, sample, stream))
 
 
 def launch_plans():
@@ -294,8 +298,8 @@ def time_kernels(results: list[dict], grid=perf_model.BENCH_GRID, launches: int 
     for d, k, b in itertools.product(grid["D"], grid["k"], grid["B"]):
         x = torch.randn(b, d, device="cuda")
         ids = torch.arange(b, device="cuda")
-        plans = {"score": philox_knn.knn_partial_scores_plan(x, k, 12345, ids),
-                 "write": philox_knn.write_candidates_plan(torch.empty_like(x), 12345, ids, ids, 0)}
+        plans = {"score": knn_plan(x, k, 12345, ids),
+                 "write": write_plan(torch.empty_like(x), 12345, ids, ids, 0)}
         row = {"gpu": torch.cuda.get_device_name(), "B": b, "k": k, "D": d}
         for what, plan in plans.items():
             plan.launch()  # compile, warm up
@@ -319,7 +323,7 @@ def time_kernels(results: list[dict], grid=perf_model.BENCH_GRID, launches: int 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m immiscible.kernels.aot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m immiscible_lab.kernel_report.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="PATH", help="write variants, resources and predictions as JSON here")
     p.add_argument("--arch", nargs="+", choices=sorted(TARGETS), help="targets (default: all)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: one per CPU)")
@@ -327,7 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench", metavar="BENCH_JSON",
                    help="a `python -m immiscible_lab.bench --device cuda --json` file: its rows beside the prediction")
     args = p.parse_args(argv)
-    if philox_knn._interpreting():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)", file=sys.stderr)
         return 2
     import triton
@@ -340,7 +344,7 @@ def main(argv=None) -> int:
         print(f"  [{i}] {v.kernel}({', '.join(f'{k}: {t}' for k, t in v.signature.items())})")
     print("\n" + resource_table(results))
     predictions = perf_model.predict_all(results)
-    print("\nPREDICTED, not measured (model: immiscible/kernels/perf_model.py)\n\n"
+    print("\nPREDICTED, not measured (model: immiscible_lab/kernel_report/perf_model.py)\n\n"
           + perf_model.instruction_table(results) + "\n\n" + perf_model.prediction_table(predictions))
     out = {"triton": triton.__version__, "torch": torch.__version__,
            "variants": [{"kernel": v.kernel, "signature": v.signature, "launches": len(v.cases),

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from . import philox_knn
+from .plan import knn_plan, write_plan
 
 # Per-SM limits (CCCL cuda/__device/arch_traits.h): max warps, max blocks, shared memory (KiB).
 ARCH_LIMITS = {80: (64, 32, 164), 86: (48, 16, 100), 89: (48, 24, 100), 90: (64, 32, 228),
@@ -143,9 +143,9 @@ def predict(b: int, k: int, d: int, gpu_name: str, results: list[dict]) -> dict:
     gpu = GPUS[gpu_name]
     by_kernel = {r["kernel"]: r for r in results if r["arch"] == gpu["arch"]}
     x = torch.empty(b, d, device="meta")
-    score = philox_knn.knn_partial_scores_plan(x, k, 0, split_d=True)
-    write = philox_knn.write_candidates_plan(x, 0, torch.empty(b, dtype=torch.int64, device="meta"),
-                                             torch.empty(b, dtype=torch.int64, device="meta"), 0)
+    score = knn_plan(x, k, 0, split_d=True)
+    write = write_plan(x, 0, torch.empty(b, dtype=torch.int64, device="meta"),
+                       torch.empty(b, dtype=torch.int64, device="meta"), 0)
     splits = score.grid[2]
     score_us, score_bound = _kernel_us(score, by_kernel["knn_partial_scores_kernel"], gpu, 4 * b * d + 8 * b * k * splits)
     write_us, _ = _kernel_us(write, by_kernel["write_candidates_kernel"], gpu, 4 * b * d)
