@@ -40,15 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     # --check / --uninstall with no folder act on the sd-scripts environment (its start-up hook
     # lives in --python's site-packages); no flag at all is ComfyUI-Manager's requirements step.
     if args.musubi_tuner:
-        from musubi_patch import installer as musubi_installer
+        from immiscible_host import installer
+        from musubi_patch.host import HOST as MUSUBI
 
-        rc |= musubi_installer.main(musubi_tuner=args.musubi_tuner, python=python, check=args.check,
-                                    uninstall=args.uninstall)
+        rc |= installer.main(MUSUBI, args.musubi_tuner, python=python, check=args.check, uninstall=args.uninstall)
     if args.sd_scripts or ((args.check or args.uninstall) and not (args.comfyui or args.musubi_tuner)):
-        from kohya_patch import installer as kohya_installer
+        from immiscible_host import installer
+        from kohya_patch.host import HOST as SD_SCRIPTS
 
-        rc |= kohya_installer.main(sd_scripts=args.sd_scripts, python=python, check=args.check,
-                                   uninstall=args.uninstall)
+        rc |= installer.main(SD_SCRIPTS, args.sd_scripts, python=python, check=args.check, uninstall=args.uninstall)
     if args.comfyui or not (args.sd_scripts or args.musubi_tuner or args.check or args.uninstall):
         from comfy_nodes import installer as comfy_installer
 

@@ -1,8 +1,9 @@
 """Apply a table of patch points to a loaded module, recording each point's status.
 
-Each point's ``wrapper`` factory builds the wrapper; the patcher only finds the attribute, checks
-it against the table (parameters, source needle), wraps it once and records ``ok`` or
-``broken (why)``. Nothing here raises into the host.
+``wrap(point, original)`` builds each wrapper (:func:`immiscible_host.wrappers.patch_module` passes
+the factory of the point's kind); the patcher only finds the attribute, checks it against the table
+(parameters, source needle), wraps it once and records ``ok`` or ``broken (why)``. Nothing here
+raises into the host.
 """
 from __future__ import annotations
 
@@ -27,12 +28,6 @@ def is_patched(fn) -> bool:
     return bool(getattr(fn, MARK, False))
 
 
-def resolve(ref: str):
-    """``"package.module:function"`` -> the function."""
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def check_callable(point: PatchPoint, fn) -> PointStatus:
     """``fn`` (the unwrapped original) against the point's parameters and source needle."""
     if not point.params and not point.needle:
@@ -50,8 +45,8 @@ def check_callable(point: PatchPoint, fn) -> PointStatus:
     return check_source(point, params, source)
 
 
-def patch_point(point: PatchPoint, module) -> PointStatus:
-    """Wrap ``point`` in ``module`` (idempotent)."""
+def patch_point(point: PatchPoint, module, wrap) -> PointStatus:
+    """Wrap ``point`` in ``module`` with ``wrap(point, original)`` (idempotent)."""
     *path, attr = point.attribute.split(".")
     owner = module
     for part in path:
@@ -64,12 +59,13 @@ def patch_point(point: PatchPoint, module) -> PointStatus:
     status = check_callable(point, fn)
     if not status.ok:
         return status
-    setattr(owner, attr, resolve(point.wrapper)(fn, point))
+    setattr(owner, attr, wrap(point, fn))
     return ok()
 
 
-def patch_module(module, points, statuses: dict[str, PointStatus]) -> None:
-    """Patch every point that ``module``'s import triggers; record each in ``statuses``. Never raises."""
+def patch_module(module, points, statuses: dict[str, PointStatus], wrap) -> None:
+    """Patch every point that ``module``'s import triggers with ``wrap(point, original)``; record
+    each in ``statuses``. Never raises."""
     name = getattr(module, "__name__", "")
     for point in points_patched_with(points, name):
         try:
@@ -77,11 +73,11 @@ def patch_module(module, points, statuses: dict[str, PointStatus]) -> None:
                 target = module
             else:
                 try:
-                    target = importlib.import_module(point.module)
+                    target = importlib.import_module(point.module)  # a host module the table names
                 except Exception as exc:  # noqa: BLE001
                     statuses[point.name] = broken(f"{point.module} not importable ({type(exc).__name__})")
                     continue
-            statuses[point.name] = patch_point(point, target)
+            statuses[point.name] = patch_point(point, target, wrap)
         except Exception as exc:  # noqa: BLE001 - a patch that fails must leave the host working
             statuses[point.name] = broken(f"patching failed ({type(exc).__name__}: {exc})")
             logger.warning("immiscible: could not patch %s", point.name, exc_info=True)

@@ -11,17 +11,24 @@ This module imports nothing heavy.
 """
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Kinds of patch point.
-SUPPORT = "support"        # options, config files, metadata, trackers
-SD_NOISE = "sd-noise"      # a function whose first ``torch.randn_like(latents)`` is the base draw
-FLOW_NOISE = "flow-noise"  # a function taking ``(latents, noise)``: ``noise`` is overwritten in place
-INLINE = "inline"          # a script function that draws ``torch.randn_like(latents)`` inline
-KINDS = (SUPPORT, SD_NOISE, FLOW_NOISE, INLINE)
+#: Kinds of patch point: the role each plays. Every kind but ``INLINE`` has one wrapper factory in
+#: :data:`immiscible_host.wrappers.FACTORIES`.
+OPTIONS = "options"                # ``f(parser, ...)``: also registers the ``--immiscible_*`` options
+OPTIONS_RESULT = "options-result"  # ``f(...) -> parser``: the same, on the parser it returns
+CONFIG = "config"                  # ``f(args, parser, ...) -> args`` (the config-file reader): start-up, exit 2
+START_UP = "start-up"              # a call every run makes before any model loads; ``params[0]`` is the namespace
+METADATA = "metadata"              # ``f(...) -> dict`` of a saved model's metadata: plus ``ss_immiscible_*``
+TRACKERS = "trackers"              # ``Accelerator.init_trackers``: trackers log ``immiscible/reduction``
+GUARD = "guard"                    # once per step before the optimizer: the first call checks the first draw
+SD_NOISE = "sd-noise"              # a function whose first ``torch.randn_like(latents)`` is the base draw
+FLOW_NOISE = "flow-noise"          # a function taking ``(latents, noise)``: ``noise`` is overwritten in place
+INLINE = "inline"                  # a script function that draws ``torch.randn_like(latents)`` inline
+SUPPORT_KINDS = (OPTIONS, OPTIONS_RESULT, CONFIG, START_UP, METADATA, TRACKERS, GUARD)
 NOISE_KINDS = (SD_NOISE, FLOW_NOISE, INLINE)
+KINDS = SUPPORT_KINDS + NOISE_KINDS
 
 OK, ABSENT, BROKEN = "ok", "absent", "broken"
 
@@ -32,8 +39,10 @@ class PatchPoint:
 
     ``module`` is an import name (``"library.train_util"``); ``aliases`` are other names the same
     code has had (an older file name). ``attribute`` may be dotted (``"Accelerator.init_trackers"``).
-    ``wrapper`` is ``"package.module:function"``, a factory ``function(original, point)`` that
-    returns the wrapper (none for ``INLINE`` points, which are intercepted at start-up).
+    ``kind`` is the point's role; its wrapper is ``immiscible_host.wrappers.FACTORIES[kind]`` (none
+    for ``INLINE`` points, which are intercepted at start-up). ``scripts`` are the trainers that
+    need the point (a noise point: the trainers that draw through it; a support point: only those
+    trainers, e.g. a full fine-tune's own parser; empty: every trainer).
     ``patched_with`` is the host module whose import triggers the patch (default: ``module``).
     ``identifies`` marks the attribute that tells the host's module from a namesake of another
     project; every module the hook targets has exactly one. ``in_host`` is False for a library
@@ -47,7 +56,6 @@ class PatchPoint:
     params: tuple[str, ...] = ()
     needle: str | None = None
     scripts: tuple[str, ...] = ()
-    wrapper: str | None = None
     aliases: tuple[str, ...] = ()
     patched_with: str | None = None
     identifies: bool = False
@@ -56,8 +64,8 @@ class PatchPoint:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if (self.wrapper is None) != (self.kind == INLINE):
-            raise ValueError(f"{self.name}: every point but an inline one needs a wrapper")
+        if self.kind == START_UP and not self.params:
+            raise ValueError(f"{self.name}: a start-up point names its namespace parameter first in params")
 
     @property
     def trigger(self) -> str:
@@ -125,9 +133,25 @@ def points_patched_with(points, module: str) -> list[PatchPoint]:
 def point_for_script(points, script: str) -> PatchPoint | None:
     """The noise point a training script (``"train_network.py"``) draws its noise through."""
     for p in points:
-        if script in p.scripts:
+        if p.kind in NOISE_KINDS and script in p.scripts:
             return p
     return None
+
+
+def point_of_kind(points, kind: str) -> PatchPoint:
+    """The table's one point of ``kind`` (the guard, say); ``ValueError`` if there is not exactly one."""
+    found = [p for p in points if p.kind == kind]
+    if len(found) != 1:
+        raise ValueError(f"a table needs exactly one {kind} point, found {len(found)}")
+    return found[0]
+
+
+def needed_points(points, scripts) -> set[str]:
+    """Names of the points a checkout with trainer ``scripts`` needs: support points every trainer
+    uses, and every point (noise or support) of a shipped trainer."""
+    scripts = set(scripts)
+    return {p.name for p in points
+            if (p.kind in SUPPORT_KINDS and not p.scripts) or scripts.intersection(p.scripts)}
 
 
 def check_source(point: PatchPoint, params, source: str | None) -> PointStatus:
@@ -143,7 +167,9 @@ def check_source(point: PatchPoint, params, source: str | None) -> PointStatus:
 # --------------------------------------------------------------------------- static check (installer)
 
 
-def _find_def(tree: ast.Module, attribute: str):
+def _find_def(tree, attribute: str):
+    import ast
+
     body = tree.body
     node = None
     for part in attribute.split("."):
@@ -161,6 +187,8 @@ def inspect_point(root: Path, point: PatchPoint, cache: dict | None = None) -> P
     The first of ``point.files`` that defines the attribute is used; a point none of whose files
     exists is ``absent`` (that version does not ship it). ``ok``'s detail is ``file:line``.
     """
+    import ast  # here, not at module level: the start-up hook imports this module in every interpreter
+
     cache = {} if cache is None else cache
     present = []
     for rel in point.files:

@@ -24,6 +24,12 @@ from .telemetry import ReductionWindow, dump_row
 logger = logging.getLogger(__name__)
 
 
+#: Why a batch with NaN or infinite latents is not selected (a data or VAE problem, not an install one).
+NON_FINITE = ("immiscible: the latents at %s contain NaN or infinite values, so no noise can be selected for them; "
+              "stock noise was used. This is a data or VAE problem, not an install one: check the images of this "
+              "batch, and an fp16 VAE that overflows (sd-scripts: --no_half_vae; cached latents: re-cache them)")
+
+
 class SelectionNotApplied(RuntimeError):
     """Selection was asked for, but the run's first draw did not go through it."""
 
@@ -52,6 +58,9 @@ class Runtime:
         """Forget settings and statistics (tests); point statuses stay."""
         self.settings: Settings | None = None
         self.backend: str | None = None
+        self.no_metadata = False
+        #: Latent shape -> the coarse size checked against it (the option itself is checked at start-up).
+        self.coarse_for_shape: dict[tuple, int | None] = {}
         self.warned: set[str] = set()
         self.calls = 0
         self.stock_batches = 0
@@ -59,13 +68,17 @@ class Runtime:
         self.window = ReductionWindow()
         #: Why the run's first draw used stock noise (None: it was selected, or nothing was drawn yet).
         self.first_draw_stock: str | None = None
+        self.first_draw_data_problem = False
         self.first_step_checked = False
 
     # ------------------------------------------------------------------ settings
 
-    def configure(self, settings: Settings, backend: str | None = None) -> None:
-        """Make ``settings`` this process's settings; ``backend`` is the resolved one, if known."""
-        self.settings, self.backend = settings, backend
+    def configure(self, settings: Settings, backend: str | None = None, no_metadata: bool = False) -> None:
+        """Make ``settings`` this process's settings; ``backend`` is the one start-up resolved (None:
+        resolve per call), ``no_metadata`` the run's ``--no_metadata``."""
+        if settings != self.settings:
+            self.coarse_for_shape = {}
+        self.settings, self.backend, self.no_metadata = settings, backend, no_metadata
 
     @property
     def enabled(self) -> bool:
@@ -96,13 +109,18 @@ class Runtime:
             self.warned.add(key)
             logger.warning(msg, *fmt)
 
-    def stock(self, reason: str, msg: str, *fmt) -> None:
-        """A batch that should have been selected uses stock noise: count it, warn once per reason."""
+    def stock(self, reason: str, msg: str, *fmt, data_problem: bool = False) -> None:
+        """A batch that should have been selected uses stock noise: count it, warn once per reason.
+
+        ``data_problem``: the batch itself is at fault (NaN latents), not the install, so the
+        first-step guard's message gives no install advice.
+        """
         with self.lock:
             self.stock_batches += 1
             self.stock_reasons[reason] += 1
             if self.calls == 0 and self.first_draw_stock is None:
                 self.first_draw_stock = msg % fmt if fmt else msg
+                self.first_draw_data_problem = data_problem
         self.warn_once(reason, msg, *fmt)
 
     def check_first_step(self, where: str, version: str = "unknown", advice: str = "") -> None:
@@ -123,6 +141,8 @@ class Runtime:
             return
         why = self.first_draw_stock or ("no noise draw went through the selection: this trainer draws its noise "
                                         "in a way the pack does not intercept")
+        if self.first_draw_data_problem:
+            advice = "Fix the data (or the VAE) and run again."
         raise SelectionNotApplied(
             f"immiscible: --immiscible_k {self.settings.k} was asked for, but the first training batch of "
             f"{where} (version {version}) was not selected: {why}. Stopping before the first optimizer step so "
@@ -155,11 +175,15 @@ class Runtime:
         if not s.validation and self.in_validation():
             return None
         try:
-            coarse = immiscible.check_coarse(s.coarse, latents.shape, name="immiscible_coarse")
+            coarse = self.coarse_for(latents.shape)
             rs = draw_rank_seed()
             noise, info = immiscible.select_noise(latents, s.k, seed=rs.seed, mode=s.mode, metric=s.metric,
-                                                  backend=s.backend, return_info=True, coarse=coarse)
+                                                  backend=self.backend or s.backend, return_info=True,
+                                                  coarse=coarse)
         except Exception as exc:  # noqa: BLE001 - never end a run
+            if not bool(torch.isfinite(latents).all()):
+                self.stock("select:non-finite-latents", NON_FINITE, point, data_problem=True)
+                return None
             self.stock(f"select:{type(exc).__name__}",
                        "immiscible: selection failed at %s (%s: %s); using stock noise for this batch (warned once)",
                        point, type(exc).__name__, exc)
@@ -185,6 +209,11 @@ class Runtime:
                 except OSError as exc:
                     self.warn_once("dump", "immiscible: cannot write %s: %s", dump, exc)
 
-    def reduction_for_log(self) -> float | None:
-        """Mean reduction over the selections since the previous logging step (None if none)."""
-        return self.window.for_log()
+    def coarse_for(self, shape) -> int | None:
+        """``--immiscible_coarse`` checked against a latent shape, once per shape (raises ``ValueError``
+        naming the option)."""
+        shape = tuple(shape)
+        if shape not in self.coarse_for_shape:
+            self.coarse_for_shape[shape] = immiscible.check_coarse(self.settings.coarse, shape,
+                                                                   name="immiscible_coarse")
+        return self.coarse_for_shape[shape]

@@ -59,3 +59,15 @@ def describe_tree(root: Path, fingerprint_of_tree: str | None, known: dict, *, w
     if name:
         return f"{declared}, identified as {name} by {what} (not a git checkout)"
     return f"{declared} (not a git checkout; {what} match no tested version)"
+
+
+def pyproject_version(root: Path) -> str | None:
+    """The ``version = "..."`` a checkout's ``pyproject.toml`` states, or None."""
+    import re
+
+    try:
+        text = (Path(root) / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    m = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+    return m.group(1) if m else None

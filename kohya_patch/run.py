@@ -9,11 +9,11 @@ import sys
 
 from immiscible_host.run import run_script
 
-from . import hook
+from .host import ADAPTER
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_script(argv, prog="kohya_patch.run", doc=__doc__, install_hook=hook.install)
+    return run_script(argv, prog="kohya_patch.run", doc=__doc__, install_hook=ADAPTER.hook.install)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,21 @@ import sys
 
 from immiscible_host.run import run_as_main, run_script
 
-from . import hook, preflight
+from .host import ADAPTER
 
 
 def _run(script: str) -> None:
     folder, name = os.path.split(script)
     if os.path.basename(folder) == "musubi_tuner" and os.path.isfile(os.path.join(folder, "__init__.py")):
         sys.path.insert(0, os.path.dirname(folder))          # src/, as an installed musubi_tuner would be
-        preflight.SCRIPT = name
-        importlib.import_module("musubi_tuner." + name[:-3]).main()
+        ADAPTER.script = name
+        importlib.import_module("musubi_tuner." + name[:-3]).main()   # a host module, as its wrappers do
     else:
         run_as_main(script)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_script(argv, prog="musubi_patch.run", doc=__doc__, install_hook=hook.install, run=_run)
+    return run_script(argv, prog="musubi_patch.run", doc=__doc__, install_hook=ADAPTER.hook.install, run=_run)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ if [ "$MULTI" = 1 ]; then PYTHONPATH="$RUNS/ddp_shim${PYTHONPATH:+:$PYTHONPATH}"
     --num_cpu_threads_per_process 1 -- --immiscible_k 8; fi
 
 # ---- checks --------------------------------------------------------------------------------
-"$PY" - "$RUNS" "$REPRO" "$MULTI" "$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); from kohya_patch.version import describe; print(describe(sys.argv[2]))' "$repo" "$SD_SCRIPTS_DIR")" <<'PYEOF'
+"$PY" - "$RUNS" "$REPRO" "$MULTI" "$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); from kohya_patch.host import HOST; print(HOST.describe(sys.argv[2]))' "$repo" "$SD_SCRIPTS_DIR")" <<'PYEOF'
 import glob, json, os, sys
 import torch
 from safetensors import safe_open

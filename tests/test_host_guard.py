@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from immiscible_host.guard import wrap_backward
+from helpers import fake_adapter
+
 from immiscible_host.options import Settings
 from immiscible_host.runtime import Runtime, SelectionNotApplied
+from immiscible_host.wrappers import guarding_first_step
 
 
 class FakeAccelerator:
@@ -22,9 +24,11 @@ def _runtime(k):
 
 
 def _accelerator(rt):
+    adapter = fake_adapter(script="train_network.py")
+    adapter._runtime = rt
+    adapter.running_version = lambda: "v0.8.7"
     acc = FakeAccelerator()
-    acc.backward = wrap_backward(FakeAccelerator.backward, rt, "train_network.py", lambda: "v0.8.7",
-                                 "Run install.py --check.").__get__(acc)
+    acc.backward = guarding_first_step(FakeAccelerator.backward, adapter.guard, adapter).__get__(acc)
     return acc
 
 
@@ -80,3 +84,13 @@ def test_off_never_stops(k):
     acc = _accelerator(rt)
     acc.backward(0.0)
     assert acc.steps == 1
+
+
+def test_nan_latents_stop_with_a_data_message_not_install_advice():
+    rt = _runtime(8)
+    latents = torch.randn(2, 4, 4, 4)
+    latents[1, 0, 0, 0] = float("nan")
+    assert rt.select(latents, "train_util.get_noise") is None and rt.stock_batches == 1
+    with pytest.raises(SelectionNotApplied, match="NaN or infinite.*data or VAE problem") as info:
+        _accelerator(rt).backward(0.0)
+    assert "install.py --check" not in str(info.value) and "open an issue" not in str(info.value)

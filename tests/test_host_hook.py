@@ -99,8 +99,9 @@ def test_disable_env_and_two_adapters_side_by_side(host_pkg, monkeypatch):
 def test_importing_the_hook_and_the_table_machinery_imports_no_torch():
     code = textwrap.dedent("""
         import sys
-        import immiscible_host, immiscible_host.hook, immiscible_host.points
-        import kohya_patch.hook, kohya_patch.points
+        import immiscible_host, immiscible_host.hook, immiscible_host.points, immiscible_host.adapter
+        import kohya_patch.host, kohya_patch.startup, musubi_patch.host, musubi_patch.startup
+        assert kohya_patch.host.ADAPTER.hook.installed() and musubi_patch.host.ADAPTER.hook.installed()
         print(sorted(m for m in ("torch", "numpy", "immiscible") if m in sys.modules))
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

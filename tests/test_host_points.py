@@ -6,13 +6,12 @@ import types
 import pytest
 
 from immiscible_host import patching
-from immiscible_host.points import (FLOW_NOISE, INLINE, SD_NOISE, SUPPORT, PatchPoint, hook_targets, inspect_point,
-                                    inspect_sources, point_for_script, points_patched_with)
+from immiscible_host.points import (FLOW_NOISE, GUARD, INLINE, OPTIONS, SD_NOISE, START_UP, TRACKERS, PatchPoint,
+                                    hook_targets, inspect_point, inspect_sources, needed_points, point_for_script,
+                                    point_of_kind, points_patched_with)
 
-W = __name__ + ":tag_wrapper"
 
-
-def tag_wrapper(original, point):
+def tag_wrapper(point, original):
     def wrapper(*a, **kw):
         return ("wrapped", point.name, original(*a, **kw))
 
@@ -20,25 +19,40 @@ def tag_wrapper(original, point):
 
 
 TABLE = (
-    PatchPoint("host.parser", "pkg.util", "add_args", SUPPORT, params=("parser",), wrapper=W, identifies=True),
+    PatchPoint("host.parser", "pkg.util", "add_args", OPTIONS, params=("parser",), identifies=True),
     PatchPoint("host.noise", "pkg.util", "make_noise", SD_NOISE, params=("latents",), needle="randn_like(latents",
-               scripts=("train.py", "train_xl.py"), wrapper=W),
+               scripts=("train.py", "train_xl.py")),
     PatchPoint("host.flow", "pkg.flow", "noisy_input", FLOW_NOISE, params=("latents", "noise"), scripts=("flow.py",),
-               wrapper=W, identifies=True),
+               identifies=True),
     PatchPoint("host.inline", "train_cn", "train", INLINE, needle="randn_like(latents", scripts=("train_cn.py",),
                aliases=("train_old_cn",)),
-    PatchPoint("lib.Tracker.start", "somelib", "Tracker.start", SUPPORT, wrapper=W, patched_with="pkg.util",
-               in_host=False),
+    PatchPoint("lib.Tracker.start", "somelib", "Tracker.start", TRACKERS, patched_with="pkg.util", in_host=False),
 )
 
 
 def test_point_rows_are_checked():
     with pytest.raises(ValueError, match="kind"):
-        PatchPoint("x", "m", "f", "noise", wrapper=W)
-    with pytest.raises(ValueError, match="wrapper"):
-        PatchPoint("x", "m", "f", SUPPORT)
-    with pytest.raises(ValueError, match="wrapper"):
-        PatchPoint("x", "m", "f", INLINE, wrapper=W)
+        PatchPoint("x", "m", "f", "noise")
+    with pytest.raises(ValueError, match="namespace parameter"):
+        PatchPoint("x", "m", "f", START_UP)
+
+
+def test_roles_are_named_in_the_table_not_found_by_position():
+    guard = PatchPoint("lib.step", "somelib", "Step.backward", GUARD, in_host=False)
+    assert point_of_kind((*TABLE, guard), GUARD) is guard
+    with pytest.raises(ValueError, match="exactly one guard point, found 0"):
+        point_of_kind(TABLE, GUARD)
+    with pytest.raises(ValueError, match="found 2"):
+        point_of_kind((guard, *TABLE, guard), GUARD)
+
+
+def test_a_checkout_needs_its_trainers_points_and_the_shared_support_points():
+    own = PatchPoint("host.xl_parser", "pkg.xl", "setup", OPTIONS, scripts=("train_xl.py",))
+    table = (*TABLE, own)
+    assert needed_points(table, ["train.py"]) == {"host.parser", "host.noise", "lib.Tracker.start"}
+    assert needed_points(table, ["train_xl.py"]) >= {"host.xl_parser", "host.noise"}
+    assert "host.xl_parser" not in needed_points(table, ["flow.py"])
+    assert point_for_script(table, "train_xl.py").name == "host.noise"   # a support point is never a trainer's draw
 
 
 def test_everything_is_derived_from_the_table():
@@ -85,7 +99,7 @@ def test_static_inspection_ok_absent_broken(tmp_path):
 
 def test_dotted_attributes_are_found_in_classes(tmp_path):
     (tmp_path / "m.py").write_text("class A:\n    def go(self, latents): pass\n")
-    point = PatchPoint("m.A.go", "m", "A.go", SUPPORT, params=("latents",), wrapper=W)
+    point = PatchPoint("m.A.go", "m", "A.go", OPTIONS, params=("latents",))
     assert inspect_point(tmp_path, point).detail == "m.py:2"
 
 
@@ -103,13 +117,13 @@ def test_patch_module_wraps_checks_and_records(monkeypatch):
     tracker = type("Tracker", (), {"start": lambda self: "started"})
     monkeypatch.setitem(__import__("sys").modules, "somelib", fake_module("somelib", Tracker=tracker))
     statuses = {}
-    patching.patch_module(util, TABLE, statuses)
+    patching.patch_module(util, TABLE, statuses, tag_wrapper)
     assert set(statuses) == {"host.parser", "host.noise", "lib.Tracker.start"}
     assert all(s.ok for s in statuses.values()), statuses
     assert util.add_args(None) == ("wrapped", "host.parser", "parsed")
     assert tracker().start() == ("wrapped", "lib.Tracker.start", "started")
     wrapped = util.add_args
-    patching.patch_module(util, TABLE, statuses)  # idempotent
+    patching.patch_module(util, TABLE, statuses, tag_wrapper)  # idempotent
     assert util.add_args is wrapped
 
 
@@ -120,10 +134,10 @@ def test_patch_module_leaves_a_broken_point_alone_and_never_raises(monkeypatch):
     util = fake_module("pkg.util", add_args=lambda p: 1, make_noise=make_noise)
     monkeypatch.setitem(__import__("sys").modules, "somelib", None)  # import fails
     statuses = {}
-    patching.patch_module(util, TABLE, statuses)
+    patching.patch_module(util, TABLE, statuses, tag_wrapper)
     assert statuses["host.noise"].state == "broken" and util.make_noise is make_noise
     assert statuses["host.parser"].state == "broken" and "['parser']" in statuses["host.parser"].detail
     assert statuses["lib.Tracker.start"].state == "broken" and "not importable" in statuses["lib.Tracker.start"].detail
     flow = fake_module("pkg.flow")
-    patching.patch_module(flow, TABLE, statuses)
+    patching.patch_module(flow, TABLE, statuses, tag_wrapper)
     assert statuses["host.flow"].detail == "pkg.flow.noisy_input not found"

@@ -11,6 +11,7 @@ import immiscible
 from immiscible_host import options, ranks, startup, telemetry
 from immiscible_host.points import SD_NOISE, PatchPoint, broken, ok
 from immiscible_host.runtime import Runtime
+from helpers import fake_adapter
 
 LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -75,7 +76,7 @@ def test_select_uses_torch_seed_stream_and_records(monkeypatch, tmp_path):
     assert torch.equal(got, immiscible.select_noise(LATENTS, 8))
     row = json.loads((tmp_path / "rank0.jsonl").read_text())
     assert row["point"] == "p" and row["k"] == 8 and row["world_size"] == 1 and row["seed"] == row["drawn_seed"]
-    assert rt.calls == 1 and 0 < rt.reduction_for_log() < 1 and rt.stock_batches == 0
+    assert rt.calls == 1 and 0 < rt.window.for_log() < 1 and rt.stock_batches == 0
 
 
 def test_coarse_selects_in_pooled_space_and_a_too_small_latent_falls_back(monkeypatch, tmp_path, caplog):
@@ -157,8 +158,8 @@ def test_reduction_window_and_trackers():
     tracker.log({"loss/current": 1.0})
     window.add(0.5, 2)
     window.add(0.1, 2)
-    tracker.log({"loss/current": 1.0})
-    tracker.log({"loss": 2.0})  # a second tracker call for the same step: same value
+    tracker.log({"loss/current": 1.0}, step=1)
+    tracker.log({"loss": 2.0}, step=1)  # a second tracker call for the same step: same value
     tracker.log({"lr": 1e-4})
     window.add(0.4, 1)
     tracker.log({"loss/current": 1.0})
@@ -188,40 +189,49 @@ def test_init_trackers_wraps_only_when_enabled():
 
 # --------------------------------------------------------------------------- start-up
 
-POINT = PatchPoint("host.noise", "pkg.util", "make_noise", SD_NOISE, scripts=("train.py",), wrapper="m:f")
+POINT = PatchPoint("host.noise", "pkg.util", "make_noise", SD_NOISE, scripts=("train.py",))
 
 
 def test_start_up_checks_the_needed_point(caplog):
-    rt = Runtime()
+    adapter = fake_adapter([POINT], script="train.py")
+    rt = adapter.runtime
     with pytest.raises(ValueError, match="host.noise needed by train.py is unavailable: its module was not imported"):
-        startup.start_up(rt, ns(immiscible_k=4), [POINT], script="train.py")
+        adapter.start_up(ns(immiscible_k=4))
     with caplog.at_level("WARNING"):
-        assert startup.start_up(rt, ns(), [POINT], script="train.py") == options.Settings()
+        assert adapter.start_up(ns()) == options.Settings()
     assert "immiscible is off, carrying on" in caplog.text
     rt.points[POINT.name] = broken("gone")
-    with pytest.raises(ValueError, match=r"unavailable: broken \(gone\)"):
-        startup.start_up(rt, ns(immiscible_k=4), [POINT], script="train.py")
-    seen = []
-    s = startup.start_up(rt, ns(immiscible_k=4), [POINT], script="train.py", point_status=lambda p: ok(),
-                         on_enabled=seen.append)
-    assert s.k == 4 and seen == [POINT] and rt.backend == "torch" and rt.enabled
-    assert startup.start_up(rt, ns(immiscible_k=4), [POINT], script="other.py").k == 4  # unknown script: no check
+    with pytest.raises(ValueError, match=r"unavailable: broken \(gone\).*fakehost version: unknown"):
+        adapter.start_up(ns(immiscible_k=4))
+    rt.points[POINT.name] = ok()
+    s = adapter.start_up(ns(immiscible_k=4, no_metadata=True))
+    assert s.k == 4 and rt.backend == "torch" and rt.enabled and rt.no_metadata
+    adapter.script = "other.py"
+    assert adapter.start_up(ns(immiscible_k=4)).k == 4  # unknown script: no check
 
 
 def test_start_up_errors_name_the_config_file_and_use_the_parser():
-    rt = Runtime()
+    adapter = fake_adapter()
     with pytest.raises(ValueError, match=r"got '64' \(str\) \(set in --config_file c.toml or on the command line\)"):
-        startup.start_up(rt, ns(immiscible_k="64", config_file="c.toml"), [], script="x.py")
+        adapter.start_up(ns(immiscible_k="64", config_file="c.toml"))
     parser = argparse.ArgumentParser(prog="train")
     with pytest.raises(SystemExit) as info:
-        startup.start_up(rt, ns(immiscible_k=0), [], parser=parser, script="x.py")
+        adapter.start_up(ns(immiscible_k=0), parser)
     assert info.value.code == 2
 
     def no_two(args, settings):
         raise ValueError("conflict")
 
     with pytest.raises(ValueError, match="conflict"):
-        startup.start_up(rt, ns(immiscible_k=2), [], script="x.py", extra_checks=(no_two,))
+        fake_adapter(checks=(no_two,)).start_up(ns(immiscible_k=2))
+
+
+def test_start_up_refuses_selection_when_the_guard_point_is_broken():
+    adapter = fake_adapter()
+    adapter.runtime.points[adapter.guard.name] = broken("accelerate changed")
+    assert adapter.start_up(ns(immiscible_k=1)).k == 1     # off: nothing to guard
+    with pytest.raises(ValueError, match="first-step guard fake.Step.backward is unavailable .*accelerate changed"):
+        adapter.start_up(ns(immiscible_k=4))
 
 
 def test_summary_line():

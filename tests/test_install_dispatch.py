@@ -10,10 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def install(monkeypatch):
     from comfy_nodes import installer as comfy_installer
-    from kohya_patch import installer as kohya_installer
+    from immiscible_host import installer
 
     calls = []
-    monkeypatch.setattr(kohya_installer, "main", lambda **kw: calls.append(("sd-scripts", kw)) or 0)
+    monkeypatch.setattr(installer, "main", lambda host, root, **kw: calls.append((host.name, kw)) or 0)
     monkeypatch.setattr(comfy_installer, "main", lambda **kw: calls.append(("comfyui", kw)) or 0)
     spec = importlib.util.spec_from_file_location("immiscible_install_script", ROOT / "install.py")
     module = importlib.util.module_from_spec(spec)
@@ -30,6 +30,8 @@ def install(monkeypatch):
     (["--check", "--comfyui", "/c"], ["comfyui"]),
     (["--uninstall", "--python", "/venv/bin/python"], ["sd-scripts"]),  # the hook lives in that venv
     (["--uninstall", "--comfyui", "/c"], ["comfyui"]),
+    (["--musubi-tuner", "/m"], ["musubi-tuner"]),
+    (["--musubi-tuner", "/m", "--sd-scripts", "/sd"], ["musubi-tuner", "sd-scripts"]),
 ])
 def test_flags_reach_the_right_installers(install, argv, targets):
     main, calls = install
@@ -42,8 +44,8 @@ def test_flags_reach_the_right_installers(install, argv, targets):
 
 
 def test_a_failing_installer_fails_the_command(install, monkeypatch):
-    from kohya_patch import installer as kohya_installer
+    from immiscible_host import installer
 
     main, _ = install
-    monkeypatch.setattr(kohya_installer, "main", lambda **kw: 1)
+    monkeypatch.setattr(installer, "main", lambda host, root, **kw: 1)
     assert main(["--sd-scripts", "/sd"]) == 1

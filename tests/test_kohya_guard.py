@@ -17,10 +17,14 @@ import pytest
 import torch
 from test_kohya_patch import FAKE_ACCELERATE, FAKE_CUSTOM, FAKE_FLUX, FAKE_TRAIN_UTIL, LATENTS, call, make_args
 
+from immiscible_host import adapter as adapter_module
+from immiscible_host import installer
 from immiscible_host import options as host_options
 from immiscible_host.runtime import SelectionNotApplied
-from kohya_patch import hook, installer, options, preflight, support, version
-from kohya_patch.runtime import RUNTIME
+from kohya_patch import host
+from kohya_patch.host import ADAPTER
+
+RUNTIME = ADAPTER.runtime
 
 
 
@@ -46,19 +50,19 @@ def fake(tmp_path, monkeypatch):
         (acc / "__init__.py").write_text(FAKE_ACCELERATE)
         _purge()
         importlib.invalidate_caches()
-        hook.install()
+        ADAPTER.hook.install()
         tu = importlib.import_module("library.train_util")
         return tu, importlib.import_module("accelerate")
 
     saved_modules = {m: sys.modules[m] for m in list(sys.modules) if m.split(".")[0] in ("library", "accelerate")}
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(preflight, "running_script", lambda: "train_network.py")
+    monkeypatch.setattr(ADAPTER, "script", "train_network.py")
     RUNTIME.reset()
     RUNTIME.points.clear()
     try:
         yield build
     finally:
-        hook.uninstall()
+        ADAPTER.hook.uninstall()
         RUNTIME.reset()
         RUNTIME.points.clear()
         _purge()
@@ -77,7 +81,7 @@ def test_backward_is_patched_and_a_selected_run_trains_on(fake):
     tu, accelerate = fake()
     assert RUNTIME.points["accelerate.Accelerator.backward"].ok
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     acc = _step(tu, accelerate, args)
     acc.backward(torch.zeros(()))
     assert acc.steps == 2 and RUNTIME.calls == 1 and RUNTIME.stock_batches == 0
@@ -87,7 +91,7 @@ def test_backward_is_patched_and_a_selected_run_trains_on(fake):
 def test_off_never_stops_and_touches_nothing(fake, k):
     tu, accelerate = fake()
     args = make_args() if k is None else make_args(immiscible_k=k)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     acc = accelerate.Accelerator()
     acc.backward(torch.zeros(()))  # no draw at all: fine when off
     assert acc.steps == 1 and RUNTIME.calls == 0
@@ -97,7 +101,7 @@ def test_a_trainer_whose_noise_bypasses_every_point_stops_before_its_first_step(
     """An unknown trainer (or a known one drawing its noise some new way): no draw was selected."""
     tu, accelerate = fake()
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     acc = accelerate.Accelerator()
     torch.randn_like(LATENTS)  # drawn inline, not through any patch point
     with pytest.raises(SelectionNotApplied) as info:
@@ -116,7 +120,7 @@ def test_a_noise_function_that_no_longer_draws_randn_like_of_latents_stops_the_r
     tu, accelerate = fake(drifted)
     assert RUNTIME.points["train_util.get_noise_noisy_latents_and_timesteps"].ok  # the static check passes
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     with pytest.raises(SelectionNotApplied, match="no longer draws its noise with torch.randn_like"):
         _step(tu, accelerate, args)
 
@@ -124,17 +128,17 @@ def test_a_noise_function_that_no_longer_draws_randn_like_of_latents_stops_the_r
 def test_a_first_draw_that_fell_back_stops_the_run(fake):
     tu, accelerate = fake()
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     bad = LATENTS.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(SelectionNotApplied, match="selection failed"):
+    with pytest.raises(SelectionNotApplied, match="NaN or infinite values.*data or VAE problem"):
         _step(tu, accelerate, args, bad)
 
 
 def test_later_fallbacks_are_counted_in_metadata_and_trackers(fake):
     tu, accelerate = fake()
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     acc = _step(tu, accelerate, args)
     logged = []
 
@@ -158,9 +162,9 @@ def test_later_fallbacks_are_counted_in_metadata_and_trackers(fake):
 
 def test_a_missing_point_error_names_the_version_and_what_to_do(fake, monkeypatch):
     fake()
-    monkeypatch.setattr(preflight, "running_script", lambda: "sd3_train_network.py")
+    monkeypatch.setattr(ADAPTER, "script", "sd3_train_network.py")
     with pytest.raises(ValueError) as info:
-        preflight.start_up(make_args(immiscible_k=8))
+        ADAPTER.start_up(make_args(immiscible_k=8))
     msg = str(info.value)
     assert "sd3_train_utils.get_noisy_model_input_and_timesteps" in msg and "sd-scripts version:" in msg
     assert "install.py --check" in msg
@@ -173,29 +177,29 @@ def test_version_of_a_git_checkout_a_known_tree_and_an_unknown_one(tmp_path):
     root = tmp_path / "sd"
     (root / "library").mkdir(parents=True)
     (root / "library" / "train_util.py").write_text("x = 1\n")
-    assert version.describe(root).startswith("unknown")
+    assert host.HOST.describe(root).startswith("unknown")
     git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "x"], check=True)
     subprocess.run([*git, "tag", "v0.8.7"], check=True)
-    version.describe.cache_clear()
-    assert version.describe(root).startswith("v0.8.7 (commit ")
+    adapter_module._describe.cache_clear()
+    assert host.HOST.describe(root).startswith("v0.8.7 (commit ")
     other = tmp_path / "other"
     (other / "library").mkdir(parents=True)
     (other / "library" / "train_util.py").write_text("x = 2\n")
-    fp = version.fingerprint(other)
-    assert fp and version.fingerprint(other) == fp
-    version.KNOWN[fp] = "v9.9.9 (test)"
+    fp = host.HOST.fingerprint(other)
+    assert fp and host.HOST.fingerprint(other) == fp
+    host.KNOWN[fp] = "v9.9.9 (test)"
     try:
-        assert version.describe(other).startswith("v9.9.9 (test), identified by its library files")
+        assert host.HOST.describe(other).startswith("v9.9.9 (test), identified by its library files")
     finally:
-        del version.KNOWN[fp]
-        version.describe.cache_clear()
+        del host.KNOWN[fp]
+        adapter_module._describe.cache_clear()
 
 
 def test_the_advice_names_the_check_command():
-    assert "install.py --check --sd-scripts" in support.advice() and sys.executable in support.advice()
+    assert "install.py --check --sd-scripts" in ADAPTER.advice() and sys.executable in ADAPTER.advice()
 
 
 # --------------------------------------------------------------------------- forks' own selections
@@ -213,12 +217,12 @@ def test_the_advice_names_the_check_command():
 ])
 def test_forks_own_selection_conflicts_only_when_on(fork_args, conflict):
     ns = argparse.Namespace(**fork_args)
-    options.check_upstream_overlap(ns, host_options.Settings(k=1))  # pack off: never a conflict
+    host.check_upstream_overlap(ns, host_options.Settings(k=1))  # pack off: never a conflict
     if not conflict:
-        options.check_upstream_overlap(ns, host_options.Settings(k=8))
+        host.check_upstream_overlap(ns, host_options.Settings(k=8))
         return
     with pytest.raises(ValueError) as info:
-        options.check_upstream_overlap(ns, host_options.Settings(k=8))
+        host.check_upstream_overlap(ns, host_options.Settings(k=8))
     msg = str(info.value)
     assert "--immiscible_k 8" in msg
     assert ("--noise_selection knn" in msg) if "noise_selection" in fork_args else (f"--knn_noise_k {ns.knn_noise_k}"
@@ -229,8 +233,8 @@ def test_a_fork_conflict_stops_the_start_up(fake):
     fake()
     args = make_args(immiscible_k=8, noise_selection="knn", knn_noise_k=8)
     with pytest.raises(ValueError, match="--noise_selection knn"):
-        preflight.start_up(args)
-    preflight.start_up(make_args(immiscible_k=8, noise_selection="gaussian", knn_noise_k=8))
+        ADAPTER.start_up(args)
+    ADAPTER.start_up(make_args(immiscible_k=8, noise_selection="gaussian", knn_noise_k=8))
 
 
 # --------------------------------------------------------------------------- install.py --check per trainer
@@ -242,8 +246,8 @@ def test_check_lists_every_shipped_trainer_and_fails_only_for_a_needed_broken_po
     root = fake_sd_scripts(tmp_path)
     for script in ("train_network.py", "sd3_train.py", "my_new_train.py"):
         (root / script).write_text("")
-    rows = dict(installer.patch_point_report(root))
-    trainers = {s: (what, problem) for s, what, problem in installer.trainer_report(root, rows)}
+    rows = dict(installer.patch_point_report(host.HOST, root))
+    trainers = {s: (what, problem) for s, what, problem in installer.trainer_report(host.HOST, root, rows)}
     assert trainers["train_network.py"] == ("selects through train_util.get_noise_noisy_latents_and_timesteps", False)
     assert trainers["sd3_train.py"][1] and "refuses --immiscible_k > 1" in trainers["sd3_train.py"][0]
     assert "not a trainer this pack knows" in trainers["my_new_train.py"][0]
@@ -253,8 +257,8 @@ def test_check_lists_every_shipped_trainer_and_fails_only_for_a_needed_broken_po
 def test_without_the_guard_selection_is_refused(fake, monkeypatch):
     """accelerate's Accelerator.backward gone (or renamed): nothing could stop an unselected run."""
     tu, accelerate = fake()
-    monkeypatch.setitem(RUNTIME.points, preflight.GUARD, __import__("immiscible_host.points").points.broken(
+    monkeypatch.setitem(RUNTIME.points, ADAPTER.guard.name, __import__("immiscible_host.points").points.broken(
         "accelerate.Accelerator.backward not found"))
     with pytest.raises(ValueError, match="first-step guard accelerate.Accelerator.backward is unavailable"):
-        preflight.start_up(make_args(immiscible_k=8))
-    preflight.start_up(make_args())  # off: fine
+        ADAPTER.start_up(make_args(immiscible_k=8))
+    ADAPTER.start_up(make_args())  # off: fine

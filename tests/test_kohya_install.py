@@ -12,7 +12,11 @@ import pytest
 
 from immiscible_host import envinstall
 from immiscible_host import options as host_options
-from kohya_patch import installer, options, points
+from immiscible_host import installer
+from kohya_patch import host
+from kohya_patch.host import HOST
+
+PTH_LINE = envinstall.pth_line(HOST.package, HOST.name)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def parser_with_options():
     p = argparse.ArgumentParser()
-    options.add_arguments(p)
-    options.add_arguments(p)  # idempotent
+    host_options.add_immiscible_arguments(p, k_help=HOST.k_help)
+    host_options.add_immiscible_arguments(p, k_help=HOST.k_help)  # idempotent
     return p
 
 
@@ -70,10 +74,10 @@ def test_toml_values_are_validated(key, value, exc, needle):
 
 def test_upstream_knn_noise_conflict():
     ns = argparse.Namespace(knn_noise_k=4)
-    options.check_upstream_overlap(ns, host_options.Settings(k=1))
-    options.check_upstream_overlap(argparse.Namespace(knn_noise_k=1), host_options.Settings(k=8))
+    host.check_upstream_overlap(ns, host_options.Settings(k=1))
+    host.check_upstream_overlap(argparse.Namespace(knn_noise_k=1), host_options.Settings(k=8))
     with pytest.raises(ValueError, match="knn_noise_k"):
-        options.check_upstream_overlap(ns, host_options.Settings(k=8))
+        host.check_upstream_overlap(ns, host_options.Settings(k=8))
 
 
 # --------------------------------------------------------------------------- start-up hook and launcher
@@ -88,12 +92,12 @@ def run_py(code, env=None, cwd=None, timeout=60):
 def test_pth_line_installs_hook_and_stays_quiet(tmp_path):
     site_dir = tmp_path / "site"
     site_dir.mkdir()
-    (site_dir / installer.PTH_NAME).write_text(installer.PTH_LINE)
+    (site_dir / HOST.pth_name).write_text(PTH_LINE)
     code = textwrap.dedent(f"""
         import site, sys
         site.addsitedir({str(site_dir)!r})
-        from kohya_patch import hook
-        print("active", hook.installed(), "torch" in sys.modules)
+        from kohya_patch.host import ADAPTER
+        print("active", ADAPTER.hook.installed(), "torch" in sys.modules)
         import json, email.parser  # unrelated imports work
     """)
     res = run_py(code, env={"PYTHONPATH": str(REPO)})
@@ -111,7 +115,7 @@ def test_hook_ignores_a_foreign_library_package(tmp_path):
     (tmp_path / "library" / "__init__.py").write_text("")
     (tmp_path / "library" / "train_util.py").write_text("def get_noise_noisy_latents_and_timesteps(a, b, c):\n"
                                                         "    return 1\n")
-    code = ("from kohya_patch import hook; hook.install(); import library.train_util as t; "
+    code = ("from kohya_patch.host import ADAPTER; ADAPTER.hook.install(); import library.train_util as t; "
             "print(hasattr(t.get_noise_noisy_latents_and_timesteps, '__immiscible_patched__'))")
     res = run_py(code, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
     assert res.returncode == 0, res.stderr
@@ -122,8 +126,8 @@ def test_launcher_runs_script_as_main_with_its_folder_on_path(tmp_path):
     (tmp_path / "helper_mod.py").write_text("VALUE = 7\n")
     (tmp_path / "script.py").write_text(textwrap.dedent("""
         import sys, helper_mod
-        from kohya_patch import hook
-        print(__name__, sys.argv[1:], helper_mod.VALUE, hook.installed())
+        from kohya_patch.host import ADAPTER
+        print(__name__, sys.argv[1:], helper_mod.VALUE, ADAPTER.hook.installed())
     """))
     res = subprocess.run([sys.executable, "-m", "kohya_patch.run", str(tmp_path / "script.py"), "--a", "1"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd="/",
@@ -156,12 +160,12 @@ def fake_sd_scripts(root: Path, noise_body="    noise = torch.randn_like(latents
 
 
 def report(root, external=None):
-    return {name: status for name, status in installer.patch_point_report(root, external)}
+    return {name: status for name, status in installer.patch_point_report(HOST, root, external)}
 
 
 def test_patch_point_report_reads_sources_statically(tmp_path):
     rows = report(fake_sd_scripts(tmp_path))
-    assert list(rows) == [p.name for p in points.POINTS]  # one line per point of the one table
+    assert list(rows) == [p.name for p in HOST.points]  # one line per point of the one table
     noise = rows["train_util.get_noise_noisy_latents_and_timesteps"]
     assert noise.ok and noise.detail == "library/train_util.py:5"
     sd3 = rows["sd3_train_utils.get_noisy_model_input_and_timesteps"]
@@ -189,7 +193,7 @@ def test_an_older_sd_scripts_has_absent_points_and_the_old_controlnet_name(tmp_p
         assert status.state == "absent" and "not in this version" in status.detail
     assert rows["train_control_net.train (inline noise)"].ok
     assert rows["train_control_net.train (inline noise)"].detail == "train_controlnet.py:1"
-    assert "absent  flux_train_utils" in installer.format_point(
+    assert "absent  flux_train_utils" in envinstall.format_point(
         "flux_train_utils.get_noisy_model_input_and_timesteps", rows["flux_train_utils.get_noisy_model_input_and_timesteps"])
 
 
@@ -204,14 +208,11 @@ def test_a_shim_that_only_imports_train_is_not_the_point(tmp_path):
 
 
 def test_installer_refuses_a_non_sd_scripts_folder(tmp_path, capsys):
-    assert installer.main(sd_scripts=str(tmp_path), python=sys.executable) == 2
-    assert "must name a kohya-ss/sd-scripts checkout" in capsys.readouterr().out
+    assert installer.main(HOST, str(tmp_path), python=sys.executable) == 2
+    assert "must name a checkout of sd-scripts" in capsys.readouterr().out
 
 
 def _fake_probe(monkeypatch, probe):
-    """What the target interpreter would report, for the check (``installer.probe``) and for
-    install/uninstall (``envinstall.probe``, which takes the package name too)."""
-    monkeypatch.setattr(installer, "probe", probe)
     monkeypatch.setattr(envinstall, "probe", lambda python, package, external=(): probe(python, external))
 
 
@@ -226,14 +227,14 @@ def test_check_and_uninstall_report_without_side_effects(tmp_path, capsys, monke
         "python": python, "version": "3.x", "site_packages": str(site), "kohya_patch": str(REPO / "kohya_patch"),
         "immiscible_host": str(REPO / "immiscible_host"), "hook_active": False, "dist": None, "torch": "2.x",
         "external": {p.name: None for p in external}})
-    assert installer.main(sd_scripts=str(fake_sd_scripts(tmp_path / "sd")), check=True) == 1  # hook missing
+    assert installer.main(HOST, str(fake_sd_scripts(tmp_path / "sd")), check=True) == 1  # hook missing
     out = capsys.readouterr().out
     assert "MISSING" in out and "not a git checkout" in out
     lines = [ln for ln in out.splitlines() if "  [" in ln]
-    assert len(lines) == len(points.POINTS) and "accelerate.Accelerator.backward" in lines[-1]
-    (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
-    assert installer.main(uninstall=True) == 0
-    assert installer.main(uninstall=True) == 0  # idempotent
+    assert len(lines) == len(HOST.points) and "accelerate.Accelerator.backward" in lines[-1]
+    (site / HOST.pth_name).write_text(PTH_LINE)
+    assert installer.main(HOST, uninstall=True) == 0
+    assert installer.main(HOST, uninstall=True) == 0  # idempotent
     assert not any(site.iterdir())
 
 
@@ -254,15 +255,15 @@ def test_an_install_from_before_immiscible_host_is_refreshed(tmp_path, monkeypat
         return 0
 
     _fake_pip(monkeypatch, pip)
-    assert installer.main(check=True) == 1
+    assert installer.main(HOST, check=True) == 1
     assert "INCOMPLETE" in capsys.readouterr().out
     sd = fake_sd_scripts(tmp_path / "sd")
     (sd / "library" / "sd3_train_utils.py").write_text(
         "def get_noisy_model_input_and_timesteps(args, latents, noise, device, dtype): pass\n")
-    assert installer.main(sd_scripts=str(sd)) == 0
-    assert pips == [("install", "--no-deps", "--no-build-isolation", "-e", str(installer.PACK_DIR))]
-    assert "pip_installed" not in (site / installer.MARKER_NAME).read_text()  # it was there before: keep it on uninstall
-    assert installer.main(sd_scripts=str(tmp_path / "sd")) == 0 and len(pips) == 1  # idempotent
+    assert installer.main(HOST, str(sd)) == 0
+    assert pips == [("install", "--no-deps", "--no-build-isolation", "-e", str(envinstall.PACK_DIR))]
+    assert "pip_installed" not in (site / HOST.marker_name).read_text()  # it was there before: keep it on uninstall
+    assert installer.main(HOST, str(tmp_path / "sd")) == 0 and len(pips) == 1  # idempotent
 
 
 def test_uninstall_leaves_the_pack_to_another_adapter_in_the_same_venv(tmp_path, monkeypatch, capsys):
@@ -275,13 +276,13 @@ def test_uninstall_leaves_the_pack_to_another_adapter_in_the_same_venv(tmp_path,
         "external": {}})
     pips = []
     _fake_pip(monkeypatch, lambda python, *args: pips.append(args) or 0)
-    (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
-    (site / installer.MARKER_NAME).write_text('{"pip_installed": true}')
+    (site / HOST.pth_name).write_text(PTH_LINE)
+    (site / HOST.marker_name).write_text('{"pip_installed": true}')
     (site / "immiscible_musubi_startup.pth").write_text("import musubi_patch.startup\n")
-    assert installer.main(uninstall=True) == 0
+    assert installer.main(HOST, uninstall=True) == 0
     assert pips == [] and "still used by immiscible_musubi_startup.pth" in capsys.readouterr().out
     assert sorted(p.name for p in site.iterdir()) == ["immiscible_musubi_startup.pth"]
     (site / "immiscible_musubi_startup.pth").unlink()
-    (site / installer.PTH_NAME).write_text(installer.PTH_LINE)
-    (site / installer.MARKER_NAME).write_text('{"pip_installed": true}')
-    assert installer.main(uninstall=True) == 0 and pips == [("uninstall", "-y", installer.DIST_NAME)]
+    (site / HOST.pth_name).write_text(PTH_LINE)
+    (site / HOST.marker_name).write_text('{"pip_installed": true}')
+    assert installer.main(HOST, uninstall=True) == 0 and pips == [("uninstall", "-y", envinstall.DIST_NAME)]

@@ -17,8 +17,10 @@ import torch
 import immiscible
 from immiscible_host import telemetry
 from immiscible_host.hook import MARK
-from kohya_patch import hook, preflight
-from kohya_patch.runtime import DUMP_ENV, RUNTIME
+from kohya_patch import host
+from kohya_patch.host import ADAPTER
+
+RUNTIME = ADAPTER.runtime
 
 FAKE_TRAIN_UTIL = '''
 import argparse, torch
@@ -150,7 +152,7 @@ def fake_library(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     RUNTIME.reset()
     RUNTIME.points.clear()
-    hook.install()
+    ADAPTER.hook.install()
     try:
         importlib.invalidate_caches()
         tu = importlib.import_module("library.train_util")
@@ -158,7 +160,7 @@ def fake_library(tmp_path, monkeypatch):
         ctf = importlib.import_module("library.custom_train_functions")
         yield tu, flux, ctf
     finally:
-        hook.uninstall()
+        ADAPTER.hook.uninstall()
         RUNTIME.reset()
         for name in [m for m in sys.modules if m.split(".")[0] in ("library", "accelerate")]:
             del sys.modules[name]
@@ -185,7 +187,7 @@ def test_hook_patches_all_points(fake_library):
                flux.get_noisy_model_input_and_timesteps):
         assert getattr(fn, MARK, False), fn
     assert RUNTIME.points["train_util.get_noise_noisy_latents_and_timesteps"].ok
-    hook.install()  # idempotent: no double wrapping
+    ADAPTER.hook.install()  # idempotent: no double wrapping
     assert not getattr(tu.get_noise_noisy_latents_and_timesteps.__wrapped__, MARK, False)
 
 
@@ -196,7 +198,7 @@ def test_hook_patches_all_points(fake_library):
 def test_k1_is_bit_identical_and_touches_nothing(fake_library, extra):
     tu, _, _ = fake_library
     args = make_args(**extra)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     got = call(tu.get_noise_noisy_latents_and_timesteps, args, LATENTS)
     after = torch.get_rng_state(), random.getstate()
     want = call(unpatched(tu.get_noise_noisy_latents_and_timesteps), args, LATENTS)
@@ -210,7 +212,7 @@ def test_k1_is_bit_identical_and_touches_nothing(fake_library, extra):
 def test_selection_replaces_only_the_base_draw(fake_library, extra):
     tu, _, ctf = fake_library
     args = make_args(immiscible_k=8, **extra)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     noise, noisy, t = call(tu.get_noise_noisy_latents_and_timesteps, args, LATENTS)
     # the same seed stream, by hand: selection, then upstream's own steps
     torch.manual_seed(0)
@@ -224,13 +226,13 @@ def test_selection_replaces_only_the_base_draw(fake_library, extra):
     eps = want + 0.1 * torch.randn_like(LATENTS) if args.ip_noise_gamma else want
     assert torch.equal(noise, want) and torch.equal(t, want_t)
     assert torch.equal(noisy, Scheduler().add_noise(LATENTS, eps, t))
-    assert RUNTIME.reduction_for_log() > 0
+    assert RUNTIME.window.for_log() > 0
 
 
 def test_selection_is_reproducible_and_differs_from_stock(fake_library):
     tu, _, _ = fake_library
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     a = call(tu.get_noise_noisy_latents_and_timesteps, args, LATENTS)[0]
     b = call(tu.get_noise_noisy_latents_and_timesteps, args, LATENTS)[0]
     stock = call(unpatched(tu.get_noise_noisy_latents_and_timesteps), args, LATENTS)[0]
@@ -245,19 +247,19 @@ def test_validation_noise_stays_stock(fake_library):
         return call(tu.get_noise_noisy_latents_and_timesteps, args, LATENTS)[0]
 
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     stock = call(unpatched(tu.get_noise_noisy_latents_and_timesteps), args, LATENTS)[0]
     assert torch.equal(process_batch(args, is_train=False), stock)
     assert not torch.equal(process_batch(args, is_train=True), stock)
     args.immiscible_validation = True
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     assert not torch.equal(process_batch(args, is_train=False), stock)
 
 
 def test_flow_helper_overwrites_callers_noise_in_place(fake_library):
     tu, flux, _ = fake_library
     args = make_args(immiscible_k=4)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     torch.manual_seed(5)
     noise = torch.randn_like(LATENTS)
     buf = noise.data_ptr()
@@ -272,22 +274,22 @@ def test_flow_helper_overwrites_callers_noise_in_place(fake_library):
 def test_failure_falls_back_to_stock_and_warns_once(fake_library, caplog):
     tu, _, _ = fake_library
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     bad = LATENTS.clone()
     bad[0, 0, 0, 0] = float("nan")
     with caplog.at_level("WARNING"):
         for _ in range(2):
             noise = call(tu.get_noise_noisy_latents_and_timesteps, args, bad)[0]
     assert torch.isfinite(noise).all()
-    assert sum("selection failed" in r.message for r in caplog.records) == 1
+    assert sum("NaN or infinite values" in r.message and "data or VAE problem" in r.message for r in caplog.records) == 1
     assert RUNTIME.stock_batches == 2
 
 
 def test_ranks_draw_from_different_pools(fake_library, monkeypatch, tmp_path):
     tu, _, _ = fake_library
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
-    monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump"))
+    ADAPTER.start_up(args)
+    monkeypatch.setenv(host.HOST.dump_env, str(tmp_path / "dump"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = {}
     for rank in (0, 1):
@@ -304,10 +306,10 @@ def test_ranks_draw_from_different_pools(fake_library, monkeypatch, tmp_path):
 def test_metadata_keys(fake_library):
     tu, _, _ = fake_library
     args = make_args()
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     assert tu.get_sai_model_spec(None, args, False, True, False) == {"modelspec.architecture": "fake"}
     args = make_args(immiscible_k=64, immiscible_mode="assign", immiscible_metric="cosine")
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     spec = tu.get_sai_model_spec(None, args, False, True, False)
     assert spec["ss_immiscible_k"] == "64" and spec["ss_immiscible_mode"] == "assign"
     assert spec["ss_immiscible_metric"] == "cosine"
@@ -318,7 +320,7 @@ def test_metadata_keys(fake_library):
 def test_tracker_gets_reduction(fake_library):
     tu, _, _ = fake_library
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     logged = []
 
     class Tracker:
@@ -354,11 +356,11 @@ def test_start_up_validates_and_reports(fake_library, monkeypatch, caplog):
 
 
 def test_missing_patch_point_errors_when_on_and_warns_when_off(fake_library, monkeypatch, caplog):
-    monkeypatch.setattr(preflight, "running_script", lambda: "sd3_train_network.py")
+    monkeypatch.setattr(ADAPTER, "script", "sd3_train_network.py")
     with pytest.raises(ValueError, match="sd3_train_utils.get_noisy_model_input_and_timesteps"):
-        preflight.start_up(make_args(immiscible_k=8))
+        ADAPTER.start_up(make_args(immiscible_k=8))
     with caplog.at_level("WARNING"):
-        preflight.start_up(make_args())
+        ADAPTER.start_up(make_args())
     assert any("sd3_train_utils" in r.message for r in caplog.records)
 
 
@@ -377,13 +379,14 @@ def test_train_control_net_inline_noise(fake_library, tmp_path, monkeypatch, scr
     path.write_text(src)
     mod = {}
     exec(compile(src, str(path), "exec"), mod)
-    monkeypatch.setattr(preflight, "running_script", lambda: script)
+    monkeypatch.setattr(ADAPTER, "script", script)
     monkeypatch.delitem(sys.modules, "train_control_net", raising=False)
     monkeypatch.setitem(sys.modules, module, type(sys)(module))
     sys.modules[module].train = mod["train"]
+    sys.modules[module].__file__ = str(path)
     saved = torch.randn_like
     try:
-        preflight.start_up(make_args(immiscible_k=8))
+        ADAPTER.start_up(make_args(immiscible_k=8))
         assert RUNTIME.points["train_control_net.train (inline noise)"].ok
         torch.manual_seed(0)
         noise = mod["train"](LATENTS)
@@ -401,12 +404,12 @@ def test_train_control_net_inline_noise(fake_library, tmp_path, monkeypatch, scr
 def test_train_control_net_without_inline_draw_is_an_error_when_on(fake_library, monkeypatch):
     module = type(sys)("train_control_net")
     exec("import torch\ndef train(latents):\n    return torch.randn(latents.shape)\n", module.__dict__)
-    monkeypatch.setattr(preflight, "running_script", lambda: "train_control_net.py")
+    monkeypatch.setattr(ADAPTER, "script", "train_control_net.py")
     monkeypatch.setitem(sys.modules, "train_control_net", module)
     saved = torch.randn_like
     try:
         with pytest.raises(ValueError, match="train_control_net.train .inline noise. needed by train_control_net.py"):
-            preflight.start_up(make_args(immiscible_k=8))
+            ADAPTER.start_up(make_args(immiscible_k=8))
         assert torch.randn_like is saved  # nothing intercepted
     finally:
         torch.randn_like = saved
@@ -415,7 +418,7 @@ def test_train_control_net_without_inline_draw_is_an_error_when_on(fake_library,
 def test_stock_batches_are_counted(fake_library):
     tu, flux, _ = fake_library
     args = make_args(immiscible_k=8)
-    preflight.start_up(args)
+    ADAPTER.start_up(args)
     bad = LATENTS.clone()
     bad[0, 0, 0, 0] = float("nan")
     for _ in range(3):
@@ -423,7 +426,7 @@ def test_stock_batches_are_counted(fake_library):
     flux.get_noisy_model_input_and_timesteps(args, None, LATENTS, torch.zeros(1, 4, 8, 8), "cpu", torch.float32)
     call(tu.get_noise_noisy_latents_and_timesteps, args, LATENTS)  # a good batch: not counted
     assert RUNTIME.stock_batches == 4
-    assert RUNTIME.stock_reasons == {"select:ValueError": 3,
+    assert RUNTIME.stock_reasons == {"select:non-finite-latents": 3,
                                      "shape:flux_train_utils.get_noisy_model_input_and_timesteps": 1}
     assert RUNTIME.calls == 1
 
@@ -438,18 +441,18 @@ def test_a_broken_point_is_reported_and_left_unwrapped(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "library" or m.startswith("library.")]:
         monkeypatch.delitem(sys.modules, name)
     RUNTIME.points.clear()
-    hook.install()
+    ADAPTER.hook.install()
     try:
         importlib.invalidate_caches()
         sd3 = importlib.import_module("library.sd3_train_utils")
         assert not getattr(sd3.get_noisy_model_input_and_timesteps, MARK, False)
         status = RUNTIME.points["sd3_train_utils.get_noisy_model_input_and_timesteps"]
         assert status.state == "broken" and "noise" in status.detail
-        monkeypatch.setattr(preflight, "running_script", lambda: "sd3_train_network.py")
+        monkeypatch.setattr(ADAPTER, "script", "sd3_train_network.py")
         with pytest.raises(ValueError, match="broken .parameters"):
-            preflight.start_up(make_args(immiscible_k=4))
+            ADAPTER.start_up(make_args(immiscible_k=4))
     finally:
-        hook.uninstall()
+        ADAPTER.hook.uninstall()
         RUNTIME.reset()
         RUNTIME.points.clear()
         for name in [m for m in sys.modules if m == "library" or m.startswith("library.")]:

@@ -86,20 +86,6 @@ DYNAMIC_IMPORT_SITES = {
     ("musubi_patch/run.py", "_run"),                          # "musubi_tuner." + the script's name
     ("scripts/fixtures/kohya_gui_command.py", "_stub"),       # the kohya_ss GUI's optional gradio/tkinter
 }
-#: Files that named wrappers by string ("package.module:function") at HEAD when this test was
-#: written, and the site that resolved them (``patching.resolve``'s computed import_module).
-#: They are kept out of test_the_project_keeps_its_layering and checked by
-#: test_no_wrapper_is_named_by_a_string, which is xfail(strict=False): the fix is landing in the
-#: same tree concurrently, so a strict marker or a strict "still there" check would be red either
-#: before or after that commit. Once it has landed (pytest -ra reports XPASS), empty this and drop
-#: the marker.
-KNOWN_STRING_REFERENCES = {
-    # being removed (issue 16 slice 2)
-    "kohya_patch/points.py": "string-reference",
-    "musubi_patch/points.py": "string-reference",
-    f"{KIT}/patching.py": "dynamic-import",
-}
-
 SKIP_DIRS = {".venv", "venv", "build", "dist", "node_modules", "__pycache__"}
 _DYNAMIC_IMPORTERS = {"import_module", "__import__"}
 
@@ -338,19 +324,9 @@ def _project_violations() -> tuple[Violation, ...]:
     return tuple(check(ROOT))
 
 
-def _known(v: Violation) -> bool:
-    return KNOWN_STRING_REFERENCES.get(v.path) == v.rule
-
-
 def test_the_project_keeps_its_layering():
-    bad = [str(v) for v in _project_violations() if not _known(v)]
+    bad = [str(v) for v in _project_violations()]
     assert not bad, "layering violations (see tests/test_layering.py's docstring):\n" + "\n".join(bad)
-
-
-@pytest.mark.xfail(strict=False, reason="being removed (issue 16 slice 2): see KNOWN_STRING_REFERENCES")
-def test_no_wrapper_is_named_by_a_string():
-    bad = [str(v) for v in _project_violations() if _known(v)]
-    assert not bad, "wrappers named by string, and their resolver:\n" + "\n".join(bad)
 
 
 def test_the_checker_reads_the_whole_project():

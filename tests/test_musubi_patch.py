@@ -19,9 +19,14 @@ import pytest
 import torch
 
 import immiscible
+from immiscible_host import adapter as adapter_module
+from immiscible_host import options
+from immiscible_host.points import point_for_script
 from immiscible_host.runtime import SelectionNotApplied
-from musubi_patch import hook, options, points, preflight
-from musubi_patch.runtime import RUNTIME
+from musubi_patch import host
+from musubi_patch.host import ADAPTER
+
+RUNTIME = ADAPTER.runtime
 
 PARSER_COMMON = '''
 import argparse, os, sys, tomllib
@@ -122,8 +127,8 @@ def fake(tmp_path, monkeypatch):
         (tmp_path / "accelerate" / "__init__.py").write_text(ACCELERATE)
         _purge()
         importlib.invalidate_caches()
-        monkeypatch.setattr(preflight, "SCRIPT", script)
-        hook.install()
+        monkeypatch.setattr(ADAPTER, "script", script)
+        ADAPTER.hook.install()
         mods = {n: importlib.import_module("musubi_tuner." + n) for n in
                 ("training.parser_common", "training.trainer_base", "utils.sai_model_spec", "dataset.config_utils",
                  "zimage_train")}
@@ -137,7 +142,7 @@ def fake(tmp_path, monkeypatch):
     try:
         yield build
     finally:
-        hook.uninstall()
+        ADAPTER.hook.uninstall()
         RUNTIME.reset()
         RUNTIME.points.clear()
         torch.randn_like = randn_like
@@ -163,13 +168,13 @@ def _loop(mods, accelerate, args, n=2):
 
 
 def test_table_derivations():
-    assert points.HOOK_TARGETS == {"musubi_tuner.training.parser_common": "_add_training_args",
+    assert ADAPTER.hook.targets == {"musubi_tuner.training.parser_common": "_add_training_args",
                                    "musubi_tuner.utils.sai_model_spec": "build_metadata",
                                    "musubi_tuner.hv_train": "setup_parser"}
-    assert points.BASE_LOOP.attribute == "NetworkTrainer._run_training_loop"
-    assert len(points.LORA_TRAINERS) == 13
+    assert next(p for p in host.POINTS if p.name == host.HOST.always_intercept).attribute == "NetworkTrainer._run_training_loop"
+    assert len(host.LORA_TRAINERS) == 13
     for script in ("hv_train.py", "qwen_image_train.py", "zimage_train.py", "hidream_o1_train.py"):
-        assert points.POINTS[[script in p.scripts for p in points.POINTS].index(True)].kind == "inline"
+        assert point_for_script(host.POINTS, script).kind == "inline"
 
 
 def test_options_and_config_checks(fake, monkeypatch, tmp_path):
@@ -286,18 +291,18 @@ def test_architecture_refusals():
     on, cos = options.Settings(k=4), options.Settings(k=4, metric="cosine")
     hidream = dict(noise_scale_start=None, noise_scale_end=None)
     with pytest.raises(ValueError, match="noise_clip_std"):
-        options.check_architecture(_ns(model_type="dev", noise_clip_std=None, **hidream), cos)
+        host.check_architecture(_ns(model_type="dev", noise_clip_std=None, **hidream), cos)
     with pytest.raises(ValueError, match="--immiscible_metric cosine"):
-        options.check_architecture(_ns(model_type="full", noise_clip_std=None, **hidream), on)
-    options.check_architecture(_ns(model_type="full", noise_clip_std=None, **hidream), cos)
-    options.check_architecture(_ns(model_type="dev", noise_clip_std=0.0, **hidream), cos)
+        host.check_architecture(_ns(model_type="full", noise_clip_std=None, **hidream), on)
+    host.check_architecture(_ns(model_type="full", noise_clip_std=None, **hidream), cos)
+    host.check_architecture(_ns(model_type="dev", noise_clip_std=0.0, **hidream), cos)
     with pytest.raises(ValueError, match="remove_first_image_from_target"):
-        options.check_architecture(_ns(remove_first_image_from_target=True), on)
+        host.check_architecture(_ns(remove_first_image_from_target=True), on)
     with pytest.raises(ValueError, match="--self_flow"):
-        options.check_architecture(_ns(self_flow=True), on)
+        host.check_architecture(_ns(self_flow=True), on)
     for args in (_ns(remove_first_image_from_target=True), _ns(self_flow=True), _ns(model_type="dev",
                  noise_clip_std=None, **hidream)):
-        options.check_architecture(args, options.Settings(k=1))   # off: never refused
+        host.check_architecture(args, options.Settings(k=1))   # off: never refused
     # cosine is scale-free: HiDream-O1's noise_scale does not change the choice
     x = torch.randn(2, 64)
     cands = torch.randn(8, 2, 64)
@@ -306,20 +311,19 @@ def test_architecture_refusals():
 
 
 def test_version_of_a_tree_names_its_pyproject_version_and_a_known_fingerprint(tmp_path):
-    from musubi_patch import version
 
     root = tmp_path / "musubi"
     (root / "src/musubi_tuner").mkdir(parents=True)
     (root / "pyproject.toml").write_text('[project]\nname = "musubi-tuner"\nversion = "9.9.9"\n')
-    for rel in version.FILES:
+    for rel in host.HOST.version_files[1]:
         (root / "src/musubi_tuner" / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / "src/musubi_tuner" / rel).write_text(f"# {rel}\n")
-    assert version.describe(root) == "9.9.9 (not a git checkout; its patched files match no tested version)"
-    fp = version.fingerprint(root)
-    version.KNOWN[fp] = "v9.9.9 (test)"
-    version.describe.cache_clear()
+    assert host.HOST.describe(root) == "9.9.9 (not a git checkout; its patched files match no tested version)"
+    fp = host.HOST.fingerprint(root)
+    host.KNOWN[fp] = "v9.9.9 (test)"
+    adapter_module._describe.cache_clear()
     try:
-        assert version.describe(root) == "9.9.9, identified as v9.9.9 (test) by its patched files (not a git checkout)"
+        assert host.HOST.describe(root) == "9.9.9, identified as v9.9.9 (test) by its patched files (not a git checkout)"
     finally:
-        del version.KNOWN[fp]
-        version.describe.cache_clear()
+        del host.KNOWN[fp]
+        adapter_module._describe.cache_clear()
