@@ -105,9 +105,9 @@ def _setup():
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    import musubi_patch.hook
+    from musubi_patch.host import ADAPTER
 
-    musubi_patch.hook.install()
+    ADAPTER.hook.install()
     sys.path.insert(0, os.path.join(os.getcwd(), "src"))
 
 
@@ -134,7 +134,7 @@ def _parse(module_name, argv, setup="setup"):
     import importlib
     import io
 
-    from musubi_patch.runtime import RUNTIME
+    from musubi_patch.host import ADAPTER; RUNTIME = ADAPTER.runtime
 
     RUNTIME.reset()
     module = importlib.import_module("musubi_tuner." + module_name)
@@ -169,7 +169,7 @@ def case_config(configs):
     import tempfile
 
     _setup()
-    from musubi_patch.runtime import RUNTIME
+    from musubi_patch.host import ADAPTER; RUNTIME = ADAPTER.runtime
 
     base = ["--dit", "x", "--dataset_config", "d.toml", "--task", "t2v-1.3B"]
     tmp = tempfile.mkdtemp()
@@ -252,7 +252,7 @@ def _train(fixture, out, extra, record=None, k_for_check=None, env=None):
 import json, os, sys, runpy
 sys.path.insert(0, {str(FIXTURES)!r}); sys.path.insert(0, {str(PACK)!r})
 import musubi_tiny_wan; musubi_tiny_wan.register()
-import musubi_patch.hook; musubi_patch.hook.install()
+from musubi_patch.host import ADAPTER; ADAPTER.hook.install()
 import torch, immiscible
 import musubi_tuner.training.trainer_base as tb
 import musubi_tuner.wan_train_network as wan

@@ -52,9 +52,9 @@ def _setup(patched: bool = True):
 
     sys.path.insert(0, os.getcwd())
     if patched:
-        from kohya_patch import hook
+        from kohya_patch.host import ADAPTER
 
-        assert hook.install(), "the kohya_patch hook is disabled (IMMISCIBLE_KOHYA_DISABLE)"
+        assert ADAPTER.hook.install(), "the kohya_patch hook is disabled (IMMISCIBLE_KOHYA_DISABLE)"
     logging.disable(logging.WARNING)
 
 
@@ -333,8 +333,9 @@ def probe_points():
     import importlib
 
     _setup()
-    from kohya_patch import installer, preflight
-    from kohya_patch.runtime import RUNTIME
+    from immiscible_host import installer
+    from kohya_patch.host import ADAPTER, HOST
+    RUNTIME = ADAPTER.runtime
 
     for name in ("library.train_util", "library.flux_train_utils", "library.sd3_train_utils",
                  "library.lumina_train_util"):
@@ -343,13 +344,13 @@ def probe_points():
     parser = importlib.import_module("train_control_net").setup_parser()
     importlib.import_module("train_controlnet")  # the deprecated shim imports train() from train_control_net
     for script in ("train_control_net.py", "train_controlnet.py"):
-        preflight.running_script = lambda script=script: script
+        ADAPTER.script = script
         try:
-            preflight.start_up(parser.parse_args(["--immiscible_k", "8"]))
+            ADAPTER.start_up(parser.parse_args(["--immiscible_k", "8"]))
             out["controlnet"][script] = str(RUNTIME.points["train_control_net.train (inline noise)"])
         except Exception as exc:  # noqa: BLE001
             out["controlnet"][script] = f"{type(exc).__name__}: {exc}"
-    out["static"] = {name: str(status) for name, status in installer.patch_point_report(Path(os.getcwd()))}
+    out["static"] = {name: str(status) for name, status in installer.patch_point_report(HOST, Path(os.getcwd()))}
     _emit(out)
 
 
@@ -429,7 +430,7 @@ if __name__ != "__main__":
                 assert torch.equal(value, ref[field]), (key, field)
 
     def test_every_patch_point_is_ok_at_run_time_and_statically():
-        from kohya_patch.points import POINTS
+        from kohya_patch.host import POINTS
 
         r = run_probe("probe_points")
         names = [p.name for p in POINTS]

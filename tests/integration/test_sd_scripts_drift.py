@@ -84,23 +84,24 @@ def probe_step(script):
     import logging
 
     sys.path.insert(0, os.getcwd())
-    from kohya_patch import hook
+    from kohya_patch.host import ADAPTER
 
-    assert hook.install()
+    assert ADAPTER.hook.install()
     logging.disable(logging.WARNING)
     import accelerate
     import torch
     from diffusers import DDPMScheduler
 
     from immiscible_host.runtime import SelectionNotApplied
-    from kohya_patch import installer, preflight
-    from kohya_patch.runtime import RUNTIME
+    from immiscible_host import installer
+    from kohya_patch.host import ADAPTER, HOST
+    from kohya_patch.host import ADAPTER; RUNTIME = ADAPTER.runtime
 
-    preflight.running_script = lambda: script
+    ADAPTER.script = script
     tn = importlib.import_module(script[:-3])
-    out = {"static": {n: str(s) for n, s in installer.patch_point_report(Path(os.getcwd()))},
-           "trainers": {s: [w, p] for s, w, p in installer.trainer_report(
-               Path(os.getcwd()), dict(installer.patch_point_report(Path(os.getcwd()))))}}
+    out = {"static": {n: str(s) for n, s in installer.patch_point_report(HOST, Path(os.getcwd()))},
+           "trainers": {s: [w, p] for s, w, p in installer.trainer_report(HOST,
+               Path(os.getcwd()), dict(installer.patch_point_report(HOST, Path(os.getcwd()))))}}
     parser = tn.setup_parser()
     args = parser.parse_args(["--immiscible_k", "8"])
     try:

@@ -38,9 +38,9 @@ pytestmark = [
 PARSE = r"""
 import importlib, json, sys
 sys.argv = json.loads(sys.argv[1])
-from kohya_patch import hook
-hook.install()
-from kohya_patch.runtime import RUNTIME
+from kohya_patch.host import ADAPTER
+ADAPTER.hook.install()
+from kohya_patch.host import ADAPTER; RUNTIME = ADAPTER.runtime
 tn = importlib.import_module("train_network")
 parser = tn.setup_parser()
 args = parser.parse_args(sys.argv[1:])

@@ -51,9 +51,9 @@ def _setup(patched=True):
 
     sys.path.insert(0, os.getcwd())
     if patched:
-        from kohya_patch import hook
+        from kohya_patch.host import ADAPTER
 
-        assert hook.install()
+        assert ADAPTER.hook.install()
     logging.disable(logging.WARNING)
 
 
@@ -155,19 +155,20 @@ def probe_trainers():
     _setup()
     from immiscible_host.points import point_for_script
     from immiscible_host.runtime import SelectionNotApplied
-    from kohya_patch import installer, preflight, version
-    from kohya_patch.points import POINTS
-    from kohya_patch.runtime import RUNTIME
+    from immiscible_host import installer
+    from kohya_patch.host import ADAPTER, HOST
+    from kohya_patch.host import POINTS
+    RUNTIME = ADAPTER.runtime
 
     root = Path(os.getcwd())
     acc = accelerate.Accelerator(cpu=True)
-    out = {"version": version.describe(root), "trainers": {}}
+    out = {"version": HOST.describe(root), "trainers": {}}
 
     def backward():
         w = torch.ones(1, requires_grad=True)
         acc.backward((w * 2).sum())
 
-    for script in installer.shipped_trainers(root):
+    for script in installer.shipped_trainers(HOST, root):
         rec = out["trainers"][script] = {}
         try:
             mod = importlib.import_module(script[:-3])
@@ -184,11 +185,11 @@ def probe_trainers():
         rec["calls_point"] = bool(point) and any(
             point.attribute + "(" in (root / f).read_text(encoding="utf-8") for f in _route_files(root, script)
             if (root / f).exists())
-        preflight.running_script = lambda s=script: s
+        ADAPTER.script = script
         RUNTIME.reset()
         args = parser.parse_args(["--immiscible_k", "8", "--immiscible_backend", "torch"])
         try:
-            preflight.start_up(args)
+            ADAPTER.start_up(args)
             rec["start_up"] = "ok"
         except BaseException as exc:  # noqa: BLE001
             rec["start_up"] = f"refused: {exc}"[:600]
@@ -203,16 +204,16 @@ def probe_trainers():
         except SelectionNotApplied as exc:
             rec["guard"] = f"stopped: {exc}"[:300]
     # no draw went through the selection: the real Accelerator.backward stops the step
-    preflight.running_script = lambda: "train_network.py"
+    ADAPTER.script = "train_network.py"
     RUNTIME.reset()
-    preflight.start_up(importlib.import_module("train_network").setup_parser().parse_args(["--immiscible_k", "8"]))
+    ADAPTER.start_up(importlib.import_module("train_network").setup_parser().parse_args(["--immiscible_k", "8"]))
     try:
         backward()
         out["unselected_step"] = "ran"
     except SelectionNotApplied as exc:
         out["unselected_step"] = str(exc)
     out["backward_patched"] = bool(getattr(accelerate.Accelerator.backward, "__immiscible_patched__", False))
-    out["static"] = {n: str(s) for n, s in installer.patch_point_report(root)}
+    out["static"] = {n: str(s) for n, s in installer.patch_point_report(HOST, root)}
     _emit(out)
 
 
@@ -224,9 +225,9 @@ def probe_semantics():
 
     _setup()
     import immiscible
-    from kohya_patch import preflight
+    from kohya_patch.host import ADAPTER
 
-    preflight.running_script = lambda: "train_network.py"
+    ADAPTER.script = "train_network.py"
     from library import train_util
 
     parser = importlib.import_module("train_network").setup_parser()
@@ -273,9 +274,9 @@ def probe_dump(dest, patched):
     from library import train_util
 
     if patched == "1":
-        from kohya_patch import preflight
+        from kohya_patch.host import ADAPTER
 
-        preflight.running_script = lambda: "train_network.py"
+        ADAPTER.script = "train_network.py"
     parser = importlib.import_module("train_network").setup_parser()
     res = {}
     variants = [("absent", [])] + ([("k1", ["--immiscible_k", "1"])] if patched == "1" else [])
