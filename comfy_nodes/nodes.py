@@ -10,7 +10,7 @@ import immiscible
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-from .noise import FORMATS, MAX_SEED, Noise_Immiscible, preview
+from .noise import FORMATS, MAX_SEED, Noise_Immiscible, preview, validate_choices
 
 CATEGORY = "sampling/noise/immiscible"
 
@@ -86,6 +86,11 @@ class ImmiscibleNoise(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mode=None, metric=None, latent_format=None):
+        """Queue-time check of the dropdowns (ComfyUI does not check a V3 Combo's value)."""
+        return validate_choices(mode, metric, latent_format)
+
+    @classmethod
     def execute(cls, seed, k, mode="knn", metric="l2", model=None, latent_format="auto", coarse=0) -> io.NodeOutput:
         return io.NodeOutput(Noise_Immiscible(seed, k, mode, metric, model, latent_format, coarse))
 
@@ -127,6 +132,11 @@ class ImmiscibleNoisePreview(io.ComfyNode):
                 io.String.Output("stats", tooltip="The statistics table as text."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode=None, metric=None, latent_format=None):
+        """Queue-time check of the dropdowns (ComfyUI does not check a V3 Combo's value)."""
+        return validate_choices(mode, metric, latent_format)
 
     @classmethod
     def execute(cls, latent, k, mode, metric, seed, t, model=None, latent_format="auto", coarse=0) -> io.NodeOutput:

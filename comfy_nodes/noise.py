@@ -41,9 +41,10 @@ FORMATS = ("auto", "sd15", "sdxl", "sd3", "flux", "wan", "raw")
 FLOW_FORMATS = frozenset({"sd3", "flux", "wan", "raw"})
 _COMFY_FORMAT_CLASSES = {"sd15": "SD15", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "wan": "Wan21",
                          "raw": "LatentFormat"}
-# (scale, shift) of process_in, used only where comfy.latent_formats cannot be imported (unit tests).
-_AFFINE_FALLBACK = {"sd15": (0.18215, 0.0), "sdxl": (0.13025, 0.0), "sd3": (1.5305, 0.0609),
-                    "flux": (0.3611, 0.1159), "wan": (1.0, 0.0), "raw": (1.0, 0.0)}
+# (scale, shift) of process_in and ComfyUI's (latent_channels, latent_dimensions), used only where
+# comfy.latent_formats cannot be imported (unit tests); the integration test compares them with ComfyUI's.
+_AFFINE_FALLBACK = {"sd15": (0.18215, 0.0, 4, 2), "sdxl": (0.13025, 0.0, 4, 2), "sd3": (1.5305, 0.0609, 16, 2),
+                    "flux": (0.3611, 0.1159, 16, 2), "wan": (1.0, 0.0, 16, 3), "raw": (1.0, 0.0, None, 2)}
 #: ComfyUI's seed widget range (``RandomNoise``'s); ``immiscible.check_seed`` accepts all of it.
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -54,8 +55,9 @@ class AffineFormat:
     latent_rgb_factors = None
     latent_rgb_factors_bias = None
 
-    def __init__(self, scale: float = 1.0, shift: float = 0.0):
+    def __init__(self, scale: float = 1.0, shift: float = 0.0, channels: int | None = None, dimensions: int = 2):
         self.scale_factor, self.shift_factor = scale, shift
+        self.latent_channels, self.latent_dimensions = channels, dimensions
 
     def process_in(self, latent):
         return (latent - self.shift_factor) * self.scale_factor
@@ -131,33 +133,110 @@ def _is_flow_sampling(model_sampling) -> bool:
     return any(cls.__name__ == "CONST" for cls in type(model_sampling).__mro__)
 
 
+def check_format_name(latent_format) -> str:
+    """``latent_format`` checked against :data:`FORMATS` (the node's dropdown)."""
+    return immiscible.check_choice("latent_format", latent_format, FORMATS)
+
+
+def _format_class(name: str):
+    """ComfyUI's latent format class for a named format, or None where ComfyUI is not importable."""
+    try:
+        import comfy.latent_formats as lf
+    except ImportError:
+        return None
+    return getattr(lf, _COMFY_FORMAT_CLASSES[name])
+
+
+def _expects(name: str) -> tuple[int | None, int]:
+    """``(channels, spatial dims)`` a named format expects; channels None for ``raw`` (any)."""
+    if name == "raw":
+        return None, 2
+    cls = _format_class(name)
+    if cls is None:
+        return _AFFINE_FALLBACK[name][2:]
+    return cls.latent_channels, cls.latent_dimensions
+
+
+def format_expectations() -> str:
+    """What each ``latent_format`` choice expects, for messages: ``sd15 4 channels, ..., raw any``."""
+    parts = []
+    for name in FORMATS[1:]:
+        channels, dims = _expects(name)
+        parts.append(f"{name} {channels if channels else 'any'}" + (" (5-D video)" if dims == 3 else ""))
+    return f"channels per latent_format: {', '.join(parts)}, auto by shape"
+
+
+def _check_fits(space: "LatentSpace", samples: torch.Tensor, named: bool) -> None:
+    """Refuse a latent whose channels (or 5-D video layout) the format does not take, naming both."""
+    fmt = space.format
+    channels, dims = getattr(fmt, "latent_channels", None), getattr(fmt, "latent_dimensions", 2)
+    if named and space.name == "raw":
+        return
+    shape, got = tuple(samples.shape), samples.shape[1]
+    if named:
+        what, fix = f"latent_format {space.name!r}", f"{format_expectations()}; choose the one that matches"
+    else:
+        what, fix = (f"the model's latent format ({space.name})",
+                     "the latent does not belong to this model (use its own VAE or empty-latent node)")
+    if isinstance(channels, int) and got != channels:
+        raise ValueError(f"{what} expects {channels}-channel latents, but the latent has {got} channels "
+                         f"(shape {shape}); {fix}")
+    if dims == 3 and samples.dim() != 5:
+        raise ValueError(f"{what} expects 5-D video latents [B, C, T, H, W], but the latent has shape {shape}; "
+                         f"{fix}")
+
+
 def latent_space(samples: torch.Tensor, model=None, latent_format: str = "auto") -> LatentSpace:
-    """The latent space to work in: the MODEL's latent format when given, else the named one."""
+    """The latent space to work in: the MODEL's latent format when given, else the named one.
+
+    A latent the format does not take (channels, or a 4-D latent for a video format) is refused
+    here, naming the format and what it expects, before any selection work.
+    """
     if model is not None:
         fmt = model.get_model_object("latent_format")
         ms = model.get_model_object("model_sampling")
-        return LatentSpace(type(fmt).__name__, fmt, _is_flow_sampling(ms), ms)
-    if latent_format not in FORMATS:
-        raise ValueError(f"latent_format must be one of {', '.join(FORMATS)}, got {latent_format!r}")
-    name = auto_format(samples) if latent_format == "auto" else latent_format
-    try:
-        import comfy.latent_formats as lf
-
-        fmt = getattr(lf, _COMFY_FORMAT_CLASSES[name])()
-    except ImportError:
-        fmt = AffineFormat(*_AFFINE_FALLBACK[name])
-    return LatentSpace(name, fmt, name in FLOW_FORMATS)
+        space = LatentSpace(type(fmt).__name__, fmt, _is_flow_sampling(ms), ms)
+    else:
+        check_format_name(latent_format)
+        name = auto_format(samples) if latent_format == "auto" else latent_format
+        cls = _format_class(name)
+        fmt = cls() if cls is not None else AffineFormat(*_AFFINE_FALLBACK[name])
+        space = LatentSpace(name, fmt, name in FLOW_FORMATS)
+    _check_fits(space, samples, named=model is None)
+    return space
 
 
 # --------------------------------------------------------------------------- noise
 
 
-def check_settings(seed, k, mode, metric, coarse=0) -> tuple[int, int, str, str, int]:
-    """The node settings, checked with the core's vocabulary (``coarse`` against a latent later)."""
+def check_settings(seed, k, mode, metric, coarse=0, latent_format="auto") -> tuple[int, int, str, str, int]:
+    """The node settings, checked with the core's vocabulary (``coarse`` against a latent later) and
+    ``latent_format`` against :data:`FORMATS`, at execute before any work."""
     if immiscible.check_seed(seed) is None:
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}]")
     coarse = immiscible.check_int("coarse", coarse, 0, immiscible.COARSE_MAX, " (0 = off; N pools to N x N)")
+    check_format_name(latent_format)
     return int(seed), immiscible.check_k(k), immiscible.check_mode(mode), immiscible.check_metric(metric), coarse
+
+
+def validate_choices(mode=None, metric=None, latent_format=None) -> bool | str:
+    """The nodes' queue-time check (V3 ``validate_inputs``) of the dropdown values ComfyUI does not check.
+
+    ComfyUI checks an Int's min/max when a prompt is queued but not a V3 Combo's value, so a bad
+    ``mode``/``metric``/``latent_format`` would otherwise fail at run time (for Immiscible Noise,
+    inside the sampler, after the checkpoint loaded). None is a linked input, known only at run
+    time, where ``check_settings`` checks it. Returns True, or the message naming the input.
+    """
+    try:
+        if mode is not None:
+            immiscible.check_mode(mode)
+        if metric is not None:
+            immiscible.check_metric(metric)
+        if latent_format is not None:
+            check_format_name(latent_format)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return True
 
 
 def check_latent(latent) -> torch.Tensor:
@@ -180,7 +259,8 @@ def batch_indices(latent: dict, batch: int) -> list[int]:
         return list(range(batch))
     inds = list(inds)
     if len(inds) != batch:
-        raise ValueError(f"latent['batch_index'] has {len(inds)} entries for a batch of {batch}")
+        raise ValueError(f"latent['batch_index'] has {len(inds)} entries for a batch of {batch} "
+                         "(it needs one per sample, as LatentFromBatch sets it)")
     return [immiscible.check_int("latent['batch_index'][i]", _as_int(i), 0, immiscible.SAMPLE_ID_MAX) for i in inds]
 
 
@@ -239,7 +319,8 @@ class Noise_Immiscible:
 
     def __init__(self, seed: int, k: int, mode: str = "knn", metric: str = "l2", model=None,
                  latent_format: str = "auto", coarse: int = 0):
-        self.seed, self.k, self.mode, self.metric, self.coarse = check_settings(seed, k, mode, metric, coarse)
+        self.seed, self.k, self.mode, self.metric, self.coarse = check_settings(seed, k, mode, metric, coarse,
+                                                                                latent_format)
         self.model, self.latent_format = model, latent_format
         self.last_info = None
 
@@ -278,7 +359,10 @@ def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, m
     """Everything the Immiscible Noise Preview node outputs."""
     t = check_t(t)
     samples = check_latent(latent)
-    seed, k, mode, metric, coarse = check_settings(seed, k, mode, metric, coarse)
+    if samples.dim() not in (4, 5):
+        raise ValueError(f"the preview shows image latents [B, C, H, W] and video latents [B, C, T, H, W]; "
+                         f"latent has shape {tuple(samples.shape)} (Immiscible Noise takes it)")
+    seed, k, mode, metric, coarse = check_settings(seed, k, mode, metric, coarse, latent_format)
     indices = batch_indices(latent, samples.shape[0])
     space = latent_space(samples, model, latent_format)
     x = space.to_model(samples.detach().to("cpu", torch.float32))

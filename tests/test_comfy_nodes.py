@@ -218,10 +218,71 @@ def test_coarse_noise_is_the_core_coarse_selection_in_model_space(nodes):
 
 @pytest.mark.parametrize("kwargs, match", [({"k": 0}, "k must be"), ({"k": 2, "mode": "nope"}, "mode"),
                                            ({"k": 2, "metric": "l1"}, "metric"), ({"k": 2, "coarse": -1}, "coarse"),
-                                           ({"k": 2, "coarse": immiscible.COARSE_MAX + 1}, "coarse")])
+                                           ({"k": 2, "coarse": immiscible.COARSE_MAX + 1}, "coarse"),
+                                           ({"k": 2, "latent_format": "sd9"}, "latent_format must be one of")])
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cn.Noise_Immiscible(0, **kwargs)
+
+
+@pytest.mark.parametrize("node", ["ImmiscibleNoise", "ImmiscibleNoisePreview"])
+def test_validate_inputs_checks_the_dropdowns_at_queue_time(nodes, node):
+    """ComfyUI does not check a V3 Combo's value; the nodes' validate_inputs does, with the core's vocabulary."""
+    validate = getattr(nodes, node).validate_inputs
+    assert validate(mode="assign", metric="cosine", latent_format="wan") is True
+    assert validate() is True and validate(mode=None, metric=None, latent_format=None) is True  # linked inputs
+    assert validate(mode="nope") == "mode must be one of 'knn', 'assign', got 'nope'"
+    assert validate(metric="l1") == "metric must be one of 'l2', 'cosine', got 'l1'"
+    msg = validate(latent_format="sd9")
+    assert msg.startswith("latent_format must be one of 'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'wan', 'raw'")
+    assert msg.endswith("got 'sd9'")
+    assert "'knn'" in validate(mode=3) and list(immiscible.MODES) == ["knn", "assign"]
+
+
+_FORMATS_EXPECT = "sd15 4, sdxl 4, sd3 16, flux 16, wan 16 (5-D video), raw any"
+
+
+@pytest.mark.parametrize("shape, fmt, match", [
+    ((1, 16, 8, 8), "sd15", "latent_format 'sd15' expects 4-channel latents, but the latent has 16 channels"),
+    ((2, 4, 8, 8), "flux", "latent_format 'flux' expects 16-channel latents, but the latent has 4 channels"),
+    ((1, 4, 2, 8, 8), "sdxl", None),                       # 5-D of the right channels: works (middle frame)
+    ((1, 16, 8, 8), "wan", r"latent_format 'wan' expects 5-D video latents \[B, C, T, H, W\]"),
+    ((1, 7, 8, 8), "raw", None),
+])
+def test_latent_format_must_fit_the_latent(shape, fmt, match):
+    """A latent the chosen format does not take fails before any work, naming latent_format and the channels
+    each format expects (it failed in the sheet's rgb_factors, or a 4-D latent for 'wan' gave a wrong shape)."""
+    latent = _latent(*shape)
+    if match is None:
+        assert cn.preview(latent, 4, "knn", "l2", 0, 0.5, latent_format=fmt).data.latents.shape == shape
+        assert cn.Noise_Immiscible(0, 4, latent_format=fmt).generate_noise(latent).shape == shape
+        return
+    for run in (lambda: cn.preview(latent, 4, "knn", "l2", 0, 0.5, latent_format=fmt),
+                lambda: cn.Noise_Immiscible(0, 4, latent_format=fmt).generate_noise(latent)):
+        with pytest.raises(ValueError, match=match) as err:
+            run()
+        assert f"channels per latent_format: {_FORMATS_EXPECT}, auto by shape" in str(err.value)
+    # an all-zero latent still gets RandomNoise's noise from Immiscible Noise, whatever the format (unchanged)
+    zeros = {"samples": torch.zeros(shape)}
+    assert torch.equal(cn.Noise_Immiscible(3, 4, latent_format=fmt).generate_noise(zeros),
+                       cn.comfy_random_noise(zeros["samples"], 3))
+
+
+def test_model_latent_format_must_fit_the_latent():
+    with pytest.raises(ValueError, match=r"the model's latent format \(_FakeFormat\) expects 16-channel latents, "
+                                         r"but the latent has 4 channels"):
+        cn.preview(_latent(1, 4, 8, 8), 4, "knn", "l2", 0, 0.5, model=_FakeModel())
+    with pytest.raises(ValueError, match="the latent does not belong to this model"):
+        cn.Noise_Immiscible(0, 4, model=_FakeModel()).generate_noise(_latent(1, 4, 8, 8))
+
+
+def test_preview_refuses_other_than_4d_or_5d_before_any_work(monkeypatch):
+    """A 3-D latent (audio) failed in the sheet after the selection ran; Immiscible Noise itself takes it."""
+    monkeypatch.setattr(cn, "select", lambda *a, **k: pytest.fail("selection ran"))
+    with pytest.raises(ValueError, match=r"the preview shows image latents .* latent has shape \(2, 4, 16\)"):
+        cn.preview(_latent(2, 4, 16), 4, "knn", "l2", 0, 0.5)
+    monkeypatch.undo()
+    assert cn.Noise_Immiscible(0, 4).generate_noise(_latent(2, 4, 16)).shape == (2, 4, 16)
 
 
 def test_bad_latents_and_t_raise():
@@ -240,6 +301,7 @@ def test_bad_latents_and_t_raise():
 
 
 class _FakeFormat:
+    latent_channels, latent_dimensions = 16, 2  # as ComfyUI's latent formats declare them
     latent_rgb_factors = [[0.3, 0.2, 0.1]] * 16
     latent_rgb_factors_bias = [0.0, 0.0, 0.0]
 
