@@ -192,8 +192,9 @@ def pack_problem(info: dict, package: str) -> str | None:
         if name not in info or info[name]:
             continue  # imports (or an answer from an older probe, which did not try)
         why = errors.get(name, "it does not import")
-        missing = sorted({m for m in (info.get("missing_modules") or {}).values()
-                          if m not in (package, *PACK_MODULES)} | set(info.get("missing_dependencies") or ()))
+        missing = list(info.get("missing_dependencies") or ())
+        missing += sorted({m for m in (info.get("missing_modules") or {}).values()
+                           if m not in (package, *PACK_MODULES, *missing)})
         if missing:
             return (f"`import {name}` fails there ({why}): {', '.join(missing)} "
                     f"{'is' if len(missing) == 1 else 'are'} not installed in that environment. Install "
