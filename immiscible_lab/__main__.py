@@ -32,8 +32,9 @@ def _add_demo(sub):
                         "little). Options below override it")
     p.add_argument("--preset", choices=("default", "quick", "tiny", "full"), default="default",
                    help="a named configuration: 'full' covers every axis (digits, 16x16 and 32x32 patches; both DDPM "
-                        "schedules, both model families, clipping on/off, 2 budgets; about 2 h on 2 cores with "
-                        "--workers 2; use --resume after an interruption); 'tiny' is the unit test's")
+                        "schedules, both model families, clipping on/off, 2-3 budgets, patches to 4500 steps; about "
+                        "1.5-2 h on 2 cores with --workers 2; use --resume after an interruption); 'tiny' is the "
+                        "unit test's")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs recorded in OUT/runs.jsonl and train only the rest")
     g = p.add_argument_group("grid")
@@ -107,7 +108,7 @@ def demo_config(args):
 
 def _demo(args) -> int:
     from .experiment import format_effect_table, run_demo
-    from .experiment.report import robust_lines
+    from .experiment.report import findings_table
 
     cfg = demo_config(args)
     command = "python -m immiscible_lab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -115,9 +116,10 @@ def _demo(args) -> int:
     print("\nEffect size: distance reduction, noise std and cosine against D and k "
           "(standard-normal latents, immiscible.select_noise)\n")
     print(format_effect_table(result["effect"]))
-    print("\nRobust findings (one sign in every cell of budget, schedule, clipping, model and size; pooled paired "
-          "t-test, Benjamini-Hochberg q = 0.05)\n")
-    print("\n".join(robust_lines(result["robustness"])))
+    print("\nRobust findings: median change against vanilla over each row's cells; **bold** = robust (one sign in "
+          "every cell of budget, schedule, clipping, model and size; pooled paired t-test, Benjamini-Hochberg "
+          "q = 0.05)\n")
+    print("\n".join(findings_table(result["robustness"])))
     print(f"\nReport: {cfg.out}/report.md ({len(result['files'])} files, {result['wall_seconds']:.0f} s)")
     return 0
 
@@ -156,16 +158,59 @@ def _effect(args) -> int:
     return 0
 
 
+def _add_replot(sub):
+    p = sub.add_parser(
+        "replot", help="draw a written report's summary figure and robustness matrices again from its report.md",
+        description="Read the robustness and per-cell tables of one or more report.md files that 'demo' wrote and "
+                    "draw summary.png and robustness_<family>.png again (into each report's folder, or --out). "
+                    "With --summary, also draw one summary figure of all the reports together, one colour per "
+                    "(report, data family): how the README's figure is made from committed reports.")
+    p.add_argument("reports", nargs="+", help="report.md files")
+    p.add_argument("--out", help="folder for the per-report figures (default: each report's folder)")
+    p.add_argument("--no-per-report", action="store_true", help="draw only the --summary figure")
+    p.add_argument("--summary", help="path of a summary figure over every report given")
+    p.add_argument("--label", action="append", default=[],
+                   help="name of the n-th report in the --summary legend (repeat; default its folder name)")
+    p.add_argument("--families", type=_csv(str), help="data families of the --summary figure (default all)")
+    p.add_argument("--title", help="title of the --summary figure")
+    p.set_defaults(func=_replot)
+
+
+def _replot(args) -> int:
+    import os
+
+    from .experiment import plots
+    from .experiment.report import read_report_md, redraw
+
+    rows = []
+    for i, path in enumerate(args.reports):
+        if not args.no_per_report:
+            for f in redraw(path, args.out):
+                print(f)
+        label = args.label[i] if i < len(args.label) else os.path.basename(os.path.dirname(os.path.abspath(path)))
+        with open(path, encoding="utf-8") as f:
+            parsed = read_report_md(f.read())
+        rows += [dict(r, series=f"{r['family']}: {label}") for r in parsed["robustness"]
+                 if not args.families or r["family"] in args.families]
+    if args.summary:
+        out_dir, name = os.path.split(os.path.abspath(args.summary))
+        os.makedirs(out_dir, exist_ok=True)
+        print(plots.plot_summary(rows, out_dir, name=name, title=args.title))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m immiscible_lab",
         description="Immiscible diffusion noise assignment. Commands: 'demo' runs the built-in A/B experiment "
                     "(does pairing noise with latents help small diffusion models?) and 'effect' prints how large "
-                    "the pairing's effect on distances is for a given latent size D and candidate count k.")
+                    "the pairing's effect on distances is for a given latent size D and candidate count k; 'replot' "
+                    "draws a written report's summary and robustness figures again from its report.md.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,effect}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,effect,replot}")
     _add_demo(sub)
     _add_effect(sub)
+    _add_replot(sub)
     return parser
 
 

@@ -163,8 +163,20 @@ def test_demo_writes_every_report_file(tmp_path):
     assert all(r["class"] in ("robust-better", "robust-worse", "depends", "none", "unclassified")
                for r in result["robustness"])
     text = (out / "report.md").read_text()
-    assert text.index("## Robust findings") < text.index("## Verdicts per cell")
+    # the report opens with the table of findings (rows data / objective / steps, columns the arms), then details
+    assert text.index("## Robust findings") < text.index("| data / objective / steps | knn-l2-4 | assign-l2-1 |") \
+        < text.index("## Set-up") < text.index("## Verdicts per cell")
+    assert "![summary" in text and "![robustness gmm](robustness_gmm.png)" in text
     assert "moment-matched Gaussian" in text and "floor (data vs data)" in text and "mean ± std" in text
+    # the figures of a written report can be drawn again from its report.md alone
+    from immiscible_lab.experiment.report import read_report_md
+
+    back = read_report_md(text)
+    assert len(back["robustness"]) == len(result["robustness"]) and len(back["verdicts"]) == len(result["verdicts"])
+    assert [c["vanilla_works"] for c in back["verdicts"]] == [c["vanilla_works"] for c in result["verdicts"]]
+    (out / "summary.png").unlink()
+    assert main(["replot", str(out / "report.md"), "--summary", str(tmp_path / "both.png")]) == 0
+    assert (out / "summary.png").is_file() and (tmp_path / "both.png").is_file()
 
 
 @pytest.mark.slow

@@ -228,6 +228,66 @@ def test_robustness_classes():
     assert rows["c"]["class"] == "none" and rows["c"]["label"].startswith("no effect")
 
 
+def _report_cells():
+    """Robustness rows of a small grid: a robustly better, a depends-on-budget and a no-effect arm, flow and DDPM."""
+    van, half, double = [1.0, 2.0, 4.0], [0.5, 1.05, 1.9], [2.1, 3.9, 8.2]
+    cells = []
+    for obj, sampler in (("flow", "euler"), ("ddpm", "ddim")):
+        for metric in ("quality@1", "quality@8"):
+            for budget in (1000, 4000):
+                for model in ("mlp", "resmlp"):
+                    ax = dict(objective=obj, sampler=sampler, metric=metric, budget=budget, model=model,
+                              schedule="scaled-linear" if obj == "ddpm" else "-")
+                    cells.append(_cell(half, van, arm="knn-l2-4", **ax))
+                    cells.append(_cell(half if budget == 1000 else double, van, arm="assign-l2-1", **ax))
+                    cells.append(_cell([1.01, 1.98, 4.02], van, arm="knn-cosine-4", **ax))
+    for c in cells:
+        c["setting"] = f"digits/{c['objective']}" + ("/scaled-linear" if c["objective"] == "ddpm" else "") \
+            + f"/{c['model']}"
+    return cells, stats.robustness(cells, {"digits": "digits"})
+
+
+def test_findings_table_leads_with_one_row_per_data_objective_and_steps():
+    from immiscible_lab.experiment.report import findings_table
+
+    _, rows = _report_cells()
+    table = findings_table(rows)
+    assert table[0] == "| data / objective / steps | knn-l2-4 | assign-l2-1 | knn-cosine-4 |"
+    body = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table[2:]}
+    # flow before DDPM, steps in order; one row each
+    assert list(body) == ["digits / flow / 1 step", "digits / flow / 8 steps", "digits / ε-DDPM / 1 step",
+                          "digits / ε-DDPM / 8 steps"]
+    knn, assign, cosine = body["digits / flow / 8 steps"]
+    assert knn.startswith("**−") and knn.endswith("better**")
+    assert "depends (budget)" in assign
+    assert "*" not in cosine and "%" in cosine
+
+
+def test_report_tables_read_back_and_figures_draw(tmp_path):
+    pytest.importorskip("matplotlib")
+    from immiscible_lab.experiment import plots
+    from immiscible_lab.experiment.report import read_report_md, robustness_table
+
+    cells, rows = _report_cells()
+    text = "\n".join(["- `digits`: MMD; floor 0.001, moment-matched Gaussian 0.0076", "",
+                      *robustness_table(rows)])
+    back = {(r["objective"], r["metric"], r["arm"]): r for r in read_report_md(text)["robustness"]}
+    assert len(back) == len(rows)
+    for r in rows:
+        b = back[(r["objective"], r["metric"], r["arm"])]
+        assert b["class"] == r["class"] and b["flips"] == r["flips"] and b["cells"] == r["cells"]
+        assert b["rel_median"] == pytest.approx(r["rel_median"], abs=0.01)
+    assert read_report_md(text)["gaussian"] == {"digits": 0.0076}
+    summary = plots.plot_summary(rows, str(tmp_path))
+    matrix = plots.plot_robustness(rows, cells, str(tmp_path), "digits")
+    from PIL import Image
+
+    with Image.open(summary) as im:   # readable at GitHub's width: about 1000 px wide, not a tall strip
+        assert 800 <= im.size[0] <= 1300 and im.size[1] < 1.5 * im.size[0]
+    with Image.open(matrix) as im:
+        assert im.size[0] <= 1300
+
+
 def test_cells_where_vanilla_fails_the_gaussian_are_left_out():
     van, half, double = [1.0, 2.0, 4.0], [0.5, 1.05, 1.9], [2.1, 3.9, 8.2]
     cells = [_cell(double, van, model=m, budget=b, vanilla_works=True) for m in ("mlp", "resmlp") for b in (1000, 4000)]
@@ -266,6 +326,9 @@ def test_full_preset_covers_every_axis():
     arms = {a for d in cfg.datasets for a in cfg.arms_for(d)}
     assert {"knn-cosine-4", "knn-coarse8-4", "knn-coarse4-4", "assign-l2-1"} <= arms
     assert "knn-coarse8-4" not in cfg.arms_for("digits")   # 8x8 pooling of an 8x8 image is plain knn
+    for d in ("patches16", "patches32"):   # the 32-step flow verdicts on patches moved between 3000 and 4500 steps
+        t = cfg.train_for(d)
+        assert t.steps >= 4500 and set(t.budgets) >= {1000, 3000}
 
 
 def test_resume_keeps_finished_runs(tmp_path, monkeypatch):

@@ -122,83 +122,218 @@ def plot_final(summary: dict, dataset: str, out_dir: str) -> str:
     return _save(fig, os.path.join(out_dir, f"final_{dataset}.png"))
 
 
-def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str) -> str:
-    """The robustness matrix: one block per (family, objective); rows arm x metric, columns the cells.
+_OBJECTIVE_LABEL = {"flow": "flow (Euler)", "ddpm": "ε-DDPM (DDIM)"}
+_SCHEDULE_SHORT = {"scaled-linear": "sc-lin", "cosine": "cosine"}
+_CLASS_COLOR = {"robust-better": "tab:blue", "robust-worse": "tab:red", "depends": "tab:orange"}
+#: the x range of the summary figure, as arm / vanilla ratios (clipped beyond)
+_SUMMARY_RANGE = (0.04, 3.3)
+
+
+def _metric_short(metric: str) -> str:
+    if not metric.startswith("quality@"):
+        return metric
+    steps = metric.split("@")[1]
+    return f"{steps} step{'' if steps == '1' else 's'}"
+
+
+def _class_short(row: dict) -> str:
+    if row["class"] == "depends":
+        return "depends: " + (", ".join(row.get("flips") or []) or "cell")
+    return {"robust-better": "robustly better", "robust-worse": "robustly worse", "unclassified": "left out",
+            "none": "no robust effect" if row.get("n_better") or row.get("n_worse") else "no effect"}[row["class"]]
+
+
+def robustness_families(robust: list[dict]) -> list[str]:
+    """The data families of ``robust``, in order: one robustness figure each."""
+    return list(dict.fromkeys(r["family"] for r in robust))
+
+
+def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str, family: str) -> str:
+    """The robustness matrix of one data family, ``robustness_{family}.png``: one block per objective;
+    rows metric x arm, columns the cells (size, schedule, model, budget, clipping).
 
     Colour: mean paired log ratio (blue better, red worse, clipped at 2x); ``*``: the cell alone is
     significant (paired t, p < 0.05); ``x``: left out, vanilla does not beat the moment-matched
-    Gaussian there. The row's class is written on the right.
+    Gaussian there. The row's class is written on the right. Fonts of 10 pt at 100 dpi: readable
+    when the PNG is shown at its own width (about 1000 px for the largest grid).
     """
     plt = _plt()
     from matplotlib.colors import TwoSlopeNorm
 
-    blocks: dict = {}
-    family = {}
-    for r in robust:
-        blocks.setdefault((r["family"], r["objective"]), []).append(r)
-    for c in cells:
-        family.setdefault(c["dataset"], None)
+    from .data import FAMILY
+
+    mine = [c for c in cells if FAMILY.get(c["dataset"], c["dataset"]) == family]
+    multi_size = len({c["dataset"] for c in mine}) > 1
+    multi_model = len({c["model"] for c in mine}) > 1
 
     def col_of(c):
-        parts = [c["dataset"], c["schedule"] if c["objective"] == "ddpm" else "", c["model"], str(c["budget"]),
-                 "" if c["sampler"] == "euler" else c["sampler"].replace("ddim-clip", "clip").replace("ddim", "noclip")]
-        return "/".join(p for p in parts if p)
+        parts = [c["dataset"] if multi_size else "",
+                 _SCHEDULE_SHORT.get(c["schedule"], c["schedule"]) if c["objective"] == "ddpm" else "",
+                 c["model"] if multi_model else "", str(c["budget"]),
+                 "" if c["sampler"] == "euler" else ("clip" if c["sampler"] == "ddim-clip" else "no clip")]
+        return " ".join(p for p in parts if p)
 
     def col_key(c):
         return (c["dataset"], c["schedule"], c["model"], int(c["budget"]), c["sampler"])
 
+    blocks: dict = {}
+    for r in robust:
+        if r["family"] == family:
+            blocks.setdefault(r["objective"], []).append(r)
+    arm_order = list(dict.fromkeys(r["arm"] for r in robust))
     layout = []
-    for (fam, obj), rows in blocks.items():
-        members = [c for c in cells if _fam(c, rows) and c["objective"] == obj]
+    for obj in sorted(blocks, key=lambda o: o != "flow"):
+        members = [c for c in mine if c["objective"] == obj]
         cols = list(dict.fromkeys(col_of(c) for c in sorted(members, key=col_key)))
-        layout.append((fam, obj, rows, cols, members))
-    heights = [max(1, len(rows)) * 0.28 + 1.9 for _, _, rows, _, _ in layout]
-    width = max(8.0, 2.5 + 0.32 * max(len(cols) for *_, cols, _ in layout) + 3.5)
-    fig, axes = plt.subplots(len(layout), 1, figsize=(width, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+        rows = sorted(blocks[obj], key=lambda r: (r["metric"] == "straightness", _steps_of(r["metric"]),
+                                                  arm_order.index(r["arm"])))
+        layout.append((obj, rows, cols, members))
+    path = os.path.join(out_dir, f"robustness_{family}.png")
+    if not layout:
+        return _empty_figure(path, f"{family}: no robustness row (no arm besides vanilla).")
+    ncols = max(len(cols) for _, _, cols, _ in layout)
+    label_in = max(len(c) for _, _, cols, _ in layout for c in cols) * 0.06
+    heights = [len(rows) * 0.32 + label_in + 0.5 for _, rows, _, _ in layout]
+    fig, axes = plt.subplots(len(layout), 1, figsize=(4.8 + 0.4 * max(ncols, 6), sum(heights) + 0.8),
+                             squeeze=False, gridspec_kw={"height_ratios": heights}, layout="constrained")
     norm = TwoSlopeNorm(vmin=-math.log(2), vcenter=0.0, vmax=math.log(2))
     image = None
-    for ax, (fam, obj, rows, cols, members) in zip(axes[:, 0], layout):
-        rows = sorted(rows, key=lambda r: (r["metric"] != "straightness", _steps_of(r["metric"]), r["arm"]))
+    for ax, (obj, rows, cols, members) in zip(axes[:, 0], layout):
         grid = np.full((len(rows), len(cols)), np.nan)
-        for i, r in enumerate(rows):
-            for c in members:
-                if c["arm"] == r["arm"] and c["metric"] == r["metric"]:
-                    j = cols.index(col_of(c))
-                    if c.get("vanilla_works") is False:   # left out of the row: the model does not work there
-                        ax.text(j, i, "x", ha="center", va="center", fontsize=6, color="0.45")
-                        continue
-                    grid[i, j] = c["mean_log_ratio"]
-                    if c["verdict"] != "n.s.":
-                        ax.text(j, i, "*", ha="center", va="center", fontsize=7)
+        index = {(r["arm"], r["metric"]): i for i, r in enumerate(rows)}
+        for c in members:
+            i = index.get((c["arm"], c["metric"]))
+            if i is None:
+                continue
+            j = cols.index(col_of(c))
+            if c.get("vanilla_works") is False:   # left out of the row: the model does not work there
+                ax.text(j, i, "x", ha="center", va="center", fontsize=10, color="0.4")
+                continue
+            grid[i, j] = c["mean_log_ratio"]
+            if c["verdict"] != "n.s.":
+                ax.text(j, i, "*", ha="center", va="center", fontsize=13)
         image = ax.imshow(np.clip(grid, -math.log(2), math.log(2)), cmap="coolwarm", norm=norm, aspect="auto")
-        ax.set_yticks(range(len(rows)), [f"{r['arm']} | {r['metric']}" for r in rows], fontsize=6)
-        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=5)
-        for i, r in enumerate(rows):
-            ax.text(len(cols) - 0.3, i, "  " + r["label"].split(" (")[0], va="center", fontsize=6,
-                    color={"robust-better": "tab:blue", "robust-worse": "tab:red"}.get(r["class"], "black"))
-        ax.set_title(f"{fam} / {obj}", fontsize=8, loc="left")
-    axes[0, 0].set_title("Robustness: the paired effect in every cell (blue better, red worse; * significant alone; "
-                         "x left out: vanilla does not beat the Gaussian)\n"
-                         f"{layout[0][0]} / {layout[0][1]}", fontsize=8, loc="left")
+        ax.set_yticks(range(len(rows)), [f"{_metric_short(r['metric'])}: {r['arm']}" for r in rows], fontsize=10)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", rotation_mode="anchor", fontsize=10)
+        for i in range(1, len(rows)):
+            if rows[i]["metric"] != rows[i - 1]["metric"]:
+                ax.axhline(i - 0.5, color="white", lw=3)
+        right = ax.secondary_yaxis("right")
+        right.set_yticks(range(len(rows)), [_class_short(r) for r in rows], fontsize=10)
+        right.tick_params(length=0)
+        for label, r in zip(right.get_yticklabels(), rows):
+            label.set_color(_CLASS_COLOR.get(r["class"], "0.3"))
+            if r["class"].startswith("robust"):
+                label.set_fontweight("bold")
+        ax.set_title(f"{family}, {_OBJECTIVE_LABEL.get(obj, obj)}: columns = cells "
+                     f"({'size, ' if multi_size else ''}{'schedule, ' if obj == 'ddpm' else ''}"
+                     f"{'model, ' if multi_model else ''}training steps{', DDIM clipping' if obj == 'ddpm' else ''})",
+                     fontsize=11, loc="left")
+    fig.suptitle(f"{family}: each arm against vanilla, paired by seed\nblue better, red worse; * significant in "
+                 "that cell alone; x left out (vanilla does not beat the Gaussian there)", fontsize=11)
     if image is not None:
-        fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=min(0.6, 6.0 / sum(heights) + 0.1), pad=0.25,
-                     label="mean log(arm / vanilla), paired by seed")
-    path = os.path.join(out_dir, "robustness_matrix.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+        bar = fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=min(0.8, 3.0 / sum(heights) + 0.2), aspect=15,
+                           pad=0.02, location="bottom")
+        bar.set_ticks([-math.log(2), -math.log(4 / 3), 0.0, math.log(4 / 3), math.log(2)],
+                      labels=["−50%", "−25%", "0", "+33%", "+100%"])
+        bar.ax.tick_params(labelsize=10)
+        bar.set_label("arm / vanilla − 1 (geometric mean over seeds; clipped at ½ and 2)", fontsize=10)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def _fam(cell, rows) -> bool:
-    return any(r["arm"] == cell["arm"] and r["metric"] == cell["metric"] and r["objective"] == cell["objective"]
-               and _family_of(cell, r) for r in rows)
+def _ratio_ticks(lo: float, hi: float):
+    ticks = [t for t in (0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0) if lo <= t <= hi]
+    return ticks, [("0" if t == 1 else f"{100 * (t - 1):+.0f}%").replace("-", "−") for t in ticks]
 
 
-def _family_of(cell, row) -> bool:
-    from .data import FAMILY
+def plot_summary(rows: list[dict], out_dir: str, name: str = "summary.png", title: str | None = None) -> str:
+    """The one-glance figure: for each objective (rows of panels) and sampler step count (columns),
+    each arm's median change against vanilla over the cells of its robustness row (marker) and the
+    range over those cells (line); one colour per data series, filled where the finding is robust.
 
-    return FAMILY.get(cell["dataset"], cell["dataset"]) == row["family"]
+    ``rows`` are robustness rows (:func:`stats.robustness`); a row's ``series`` (default: its data
+    family) names its colour, so rows of several reports can share one figure. Straightness rows and
+    rows with no cell left are not drawn. Sized for about 1100 px at 100 dpi with 10-12 pt text.
+    """
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in rows if r["metric"].startswith("quality@") and r["class"] != "unclassified"
+            and math.isfinite(r.get("rel_median", float("nan")))]
+    path = os.path.join(out_dir, name)
+    if not rows:
+        return _empty_figure(path, "No classified row: no arm besides vanilla, or vanilla beats the moment-matched "
+                                   "Gaussian in no cell.")
+    objectives = sorted({r["objective"] for r in rows}, key=lambda o: o != "flow")
+    steps = sorted({_steps_of(r["metric"]) for r in rows})
+    series = list(dict.fromkeys(r.get("series", r["family"]) for r in rows))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    palette = ["tab:purple", "tab:green", "tab:brown", "tab:cyan", "tab:olive", "tab:pink", "tab:gray"]
+    color = {s: palette[i % len(palette)] for i, s in enumerate(series)}
+    per_arm = max(1.0, 0.4 * len(series))
+    panel_h = 0.7 + per_arm * len(arms) * 0.36
+    fig, axes = plt.subplots(len(steps), len(objectives), figsize=(5.2 * len(objectives) + 1.6,
+                                                                   panel_h * len(steps) + 1.4),
+                             squeeze=False, sharey=True, layout="constrained")
+    lo, hi = _SUMMARY_RANGE
+    ticks, labels = _ratio_ticks(lo, hi)
+    spread = 0.75 / len(series)
+    for i, s in enumerate(steps):
+        for j, obj in enumerate(objectives):
+            ax = axes[i, j]
+            ax.axvspan(lo, 1.0, color="tab:blue", alpha=0.06, lw=0)
+            ax.axvspan(1.0, hi, color="tab:red", alpha=0.06, lw=0)
+            ax.axvline(1.0, color="0.3", lw=1)
+            for r in rows:
+                if r["objective"] != obj or _steps_of(r["metric"]) != s:
+                    continue
+                k = series.index(r.get("series", r["family"]))
+                y = arms.index(r["arm"]) + (k - (len(series) - 1) / 2) * spread
+                med, a, b = (min(max(1.0 + r[f], lo), hi) for f in ("rel_median", "rel_min", "rel_max"))
+                c = color[series[k]]
+                ax.plot([a, b], [y, y], color=c, lw=2.2, alpha=0.55, solid_capstyle="butt")
+                robust = r["class"].startswith("robust")
+                ax.plot([med], [y], marker="D" if r["class"] == "depends" else "o", ms=9 if robust else 7,
+                        mfc=c if robust else "white", mec=c, mew=1.8, ls="none")
+                if robust:
+                    text = f"{100 * r['rel_median']:+.0f}%".replace("-", "−")
+                    right = b * 1.12 < hi * 0.75 or med > 1.0
+                    ax.text(b * 1.08 if right else a / 1.08, y, text, fontsize=9, color=c, va="center",
+                            ha="left" if right else "right", fontweight="bold")
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            ax.set_xticks(ticks, labels, fontsize=10)
+            ax.minorticks_off()
+            ax.set_ylim(len(arms) - 0.5, -0.5)
+            ax.set_yticks(range(len(arms)), arms, fontsize=11)
+            for y in range(1, len(arms)):
+                ax.axhline(y - 0.5, color="0.85", lw=0.8)
+            ax.set_title(f"{_OBJECTIVE_LABEL.get(obj, obj)}, {s} sampler step{'s' if s != 1 else ''}", fontsize=12)
+            if i == len(steps) - 1:
+                ax.set_xlabel("arm vs vanilla  (← better · worse →)", fontsize=10)
+    handles = [Line2D([], [], color=color[s], marker="o", mfc=color[s], lw=2.2, ms=8, label=s) for s in series]
+    handles += [Line2D([], [], color="0.3", marker="o", mfc="0.3", ls="none", ms=9, label="robust"),
+                Line2D([], [], color="0.3", marker="o", mfc="white", mew=1.8, ls="none", ms=7,
+                       label="not robust"),
+                Line2D([], [], color="0.3", marker="D", mfc="white", mew=1.8, ls="none", ms=7,
+                       label="depends on an axis")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=10, frameon=False)
+    fig.suptitle(title or "Change of sample distance against vanilla (marker: median over cells; line: range "
+                          "over cells; filled: robust)", fontsize=12)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _empty_figure(path: str, text: str) -> str:
+    plt = _plt()
+    fig = plt.figure(figsize=(8, 1.2))
+    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=11, wrap=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _steps_of(metric: str) -> int:

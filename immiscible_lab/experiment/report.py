@@ -1,11 +1,15 @@
-"""The report folder: ``results.json``, ``runs.jsonl``, PNG figures and ``report.md``, which leads
-with the robust findings, then the robustness matrix, the baselines (moment-matched Gaussian and
-data-vs-data floor) and the per-setting tables, all computed from the runs."""
+"""The report folder: ``results.json``, ``runs.jsonl``, PNG figures and ``report.md``, which opens
+with a table of the robust findings (rows: data / objective / sampler steps; columns: arms) and the
+summary figure, then the set-up, the robustness matrices (one per data family), the baselines
+(moment-matched Gaussian and data-vs-data floor) and the per-setting tables, all computed from the
+runs. :func:`read_report_md` reads the tables of a written ``report.md`` back, so that the figures of
+a committed report can be redrawn without its (large, uncommitted) ``results.json``."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 
 from . import plots, stats
 from .data import FAMILY, dataset_shape
@@ -24,9 +28,9 @@ FEATURES_LABEL = {
     "patches32": "MMD² (RBF, bandwidths 1 and 2 x the median distance) on PCA-32 features of the training "
                  "split, each axis scaled by 1/sqrt(its std)",
 }
-REPORT_FILES = ("report.md", "results.json", "runs.jsonl", "effect_size.png", "noise_and_cost.png",
-                "robustness_matrix.png")
+REPORT_FILES = ("report.md", "results.json", "runs.jsonl", "summary.png", "effect_size.png", "noise_and_cost.png")
 PER_DATASET_FILES = ("quality_{}.png", "final_{}.png", "samples_{}.png")
+PER_FAMILY_FILES = ("robustness_{}.png",)
 
 
 def _resumed_text(result: dict) -> str:
@@ -52,7 +56,9 @@ def _optim_text(t: dict) -> str:
 
 def expected_files(datasets) -> list[str]:
     """Every file ``write_report`` produces for these data sets."""
-    return list(REPORT_FILES) + [f.format(d) for d in datasets for f in PER_DATASET_FILES]
+    families = dict.fromkeys(FAMILY.get(d, d) for d in datasets)
+    return (list(REPORT_FILES) + [f.format(d) for d in datasets for f in PER_DATASET_FILES]
+            + [f.format(fam) for fam in families for f in PER_FAMILY_FILES])
 
 
 def _ms(values) -> str:
@@ -98,6 +104,60 @@ def robust_lines(robust: list[dict]) -> list[str]:
 
 def _metric_lead(metric: str) -> tuple:
     return (metric == "straightness", int(metric.split("@")[1]) if "@" in metric else 0)
+
+
+_OBJECTIVE_NAME = {"flow": "flow", "ddpm": "ε-DDPM"}
+
+
+def _row_order(robust: list[dict]):
+    """Sort key of robustness rows: data family as first seen, flow before DDPM, steps, straightness last."""
+    families = list(dict.fromkeys(r["family"] for r in robust))
+    return lambda r: (families.index(r["family"]), r["objective"] != "flow", _metric_lead(r["metric"]))
+
+
+def findings_cell(row: dict | None) -> str:
+    """One cell of :func:`findings_table`: the median change over the row's cells and its class."""
+    if row is None:
+        return "—"
+    cls = row["class"]
+    if cls == "unclassified":
+        return "left out"
+    pct = _pct(row["rel_median"]).replace("-", "−")
+    if cls == "robust-better":
+        return f"**{pct} better**"
+    if cls == "robust-worse":
+        return f"**{pct} worse**"
+    if cls == "depends":
+        return f"{pct} depends ({', '.join(row.get('flips') or []) or 'cell'})"
+    return f"{pct}"
+
+
+def findings_table(robust: list[dict]) -> list[str]:
+    """The compact table a report opens with: rows data / objective / sampler steps (and straightness),
+    columns the arms, cells the median change against vanilla and the class (bold: robust)."""
+    if not robust:
+        return ["No robustness row: the grid has no arm besides vanilla."]
+    arms = list(dict.fromkeys(r["arm"] for r in robust))
+    by_key: dict = {}
+    for r in sorted(robust, key=_row_order(robust)):
+        by_key.setdefault((r["family"], r["objective"], r["metric"]), {})[r["arm"]] = r
+    out = ["| data / objective / steps | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for (fam, obj, metric), row in by_key.items():
+        steps = metric.split("@")[1] if metric.startswith("quality@") else None
+        what = "straightness" if steps is None else f"{steps} step" + ("" if steps == "1" else "s")
+        out.append(f"| {fam} / {_OBJECTIVE_NAME.get(obj, obj)} / {what} | "
+                   + " | ".join(findings_cell(row.get(a)) for a in arms) + " |")
+    return out
+
+
+FINDINGS_LEGEND = (
+    "Each cell: the median change of the sample distance against vanilla over the row's cells (every size, DDPM "
+    "schedule, model, training budget and DDIM clipping tried; negative is better), then the class: **bold** = "
+    "robust (one sign in every cell and a significant pooled paired test after Benjamini-Hochberg); *depends (X)* = "
+    "significantly better in one cell and worse in another, the sign flipping along X; a bare number = no robust "
+    "effect; *left out* = vanilla beats the moment-matched Gaussian in none of its cells; — = arm not run there. "
+    "Straightness: ‖x(1 step) − x(most steps)‖²/D, lower is straighter. The rules, ranges and p-values are under "
+    "[Robust findings: details](#robust-findings-details).")
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -218,30 +278,39 @@ def render_markdown(result: dict, figures: dict) -> str:
                        f"width {v['hidden']}, depth {v['depth']}, {v['eval_samples']} evaluation samples"
                        for d, v in result["train_per_dataset"].items())
     out = ["# Immiscible diffusion A/B demo", "",
-           (f"- date: {env['date']}; machine: {env['processor']}, {env['cpu_count']} CPU cores "
-            f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)){load_text}; {env['platform']}; "
-            f"torch {env['torch']}, python {env['python']}"),
-           f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s "
-           f"(training {result['train_wall_seconds']:.0f} s)" + _resumed_text(result),
-           f"- settings: {', '.join(summary)}",
-           "- arms: " + "; ".join(f"{d}: {', '.join(a)}" for d, a in _arms_by_dataset(result).items()),
-           (f"- equal compute: {per_ds}; batch {t['batch_size']}, {_optim_text(t)}; every "
-            f"arm of a seed shares initial weights, data batches and diffusion times; evaluation from the same "
-            f"starting noises with {', '.join(map(str, t['sampler_steps']))} sampler steps (Euler for flow; DDIM for "
-            f"ddpm with x0 clipping {' and '.join(t['clip'])})"),
-           "", "## Robust findings", "",
-           ("Each row is one (data, objective, sampler steps, arm), its cells every dataset size, DDPM schedule, "
-            "model, training budget and DDIM clipping tried. *Robustly better/worse*: the paired (same-seed) change "
-            "against vanilla has one sign in every cell and a pooled paired t-test over the independent trained "
-            "pairs is significant after Benjamini-Hochberg across all rows (q = 0.05). *Depends on X*: significantly "
-            "better in some cell and significantly worse in another (paired t on the seeds of that cell, p < 0.05); "
-            "X names the axes along which the sign flips. Only cells whose model works count: a cell is left out "
-            "where vanilla (at that setting, sampler and budget, with the most sampler steps) does not beat the "
-            "moment-matched Gaussian; the rule reads vanilla only, never the arm."), ""]
-    out += robust_lines(result["robustness"])
-    out += ["", f"![robustness matrix]({figures['robustness_matrix']})", "",
-            "## Robustness classification", ""] + robustness_table(result["robustness"])
-    out += ["", "## Baselines: does every arm beat the moment-matched Gaussian?", "",
+           f"`{result['command']}`: {len(result['runs'])} runs, wall time {result['wall_seconds']:.0f} s "
+           f"({env['date']}; details under [Set-up](#set-up)).", "",
+           "## Robust findings", ""]
+    out += findings_table(result["robustness"])
+    out += ["", FINDINGS_LEGEND, ""]
+    if figures.get("summary"):
+        out += [f"![summary: change against vanilla per objective and sampler steps]({figures['summary']})", ""]
+    out += ["## Set-up", "",
+            (f"- date: {env['date']}; machine: {env['processor']}, {env['cpu_count']} CPU cores "
+             f"({env['workers']} worker(s) x {env['threads_per_worker']} thread(s)){load_text}; {env['platform']}; "
+             f"torch {env['torch']}, python {env['python']}"),
+            f"- command: `{result['command']}`; wall time {result['wall_seconds']:.0f} s "
+            f"(training {result['train_wall_seconds']:.0f} s)" + _resumed_text(result),
+            f"- settings: {', '.join(summary)}",
+            "- arms: " + "; ".join(f"{d}: {', '.join(a)}" for d, a in _arms_by_dataset(result).items()),
+            (f"- equal compute: {per_ds}; batch {t['batch_size']}, {_optim_text(t)}; every "
+             f"arm of a seed shares initial weights, data batches and diffusion times; evaluation from the same "
+             f"starting noises with {', '.join(map(str, t['sampler_steps']))} sampler steps (Euler for flow; DDIM for "
+             f"ddpm with x0 clipping {' and '.join(t['clip'])})"),
+            "", "## Robust findings: details", "",
+            ("Each row is one (data, objective, sampler steps, arm), its cells every dataset size, DDPM schedule, "
+             "model, training budget and DDIM clipping tried. *Robustly better/worse*: the paired (same-seed) change "
+             "against vanilla has one sign in every cell and a pooled paired t-test over the independent trained "
+             "pairs is significant after Benjamini-Hochberg across all rows (q = 0.05). *Depends on X*: "
+             "significantly better in some cell and significantly worse in another (paired t on the seeds of that "
+             "cell, p < 0.05); X names the axes along which the sign flips. Only cells whose model works count: a "
+             "cell is left out where vanilla (at that setting, sampler and budget, with the most sampler steps) does "
+             "not beat the moment-matched Gaussian; the rule reads vanilla only, never the arm."), ""]
+    out += robustness_table(result["robustness"])
+    out += [""]
+    for name in sorted(k for k in figures if k.startswith("robustness_")):
+        out += [f"![{name.replace('_', ' ')}]({figures[name]})", ""]
+    out += ["## Baselines: does every arm beat the moment-matched Gaussian?", "",
             ("The quality metric must tell a model from a Gaussian with the data's mean and covariance. "
              "Floor: a training subsample against the held-out set (the best a model can score at this sample size). "
              "Gaussian: the moment-matched Gaussian against the held-out set. Most sampler steps, last checkpoint. "
@@ -296,7 +365,7 @@ def write_report(out_dir: str, result: dict, samples: dict, references: dict) ->
                                                       out_dir)
         figures[f"final_{ds}"] = plots.plot_final(summary, ds, out_dir)
         figures[f"samples_{ds}"] = plots.plot_samples(samples, ds, dataset_shape(ds), references[ds], out_dir)
-    figures["robustness_matrix"] = plots.plot_robustness(result["robustness"], result["verdicts"], out_dir)
+    figures.update(draw_robustness_figures(result["robustness"], result["verdicts"], out_dir))
     figures["noise_and_cost"] = plots.plot_noise_and_cost(summary, result["library_ms"], out_dir)
     figures["effect_size"] = plots.plot_effect(result["effect"], out_dir)
     figures = {k: os.path.basename(v) for k, v in figures.items()}
@@ -309,10 +378,118 @@ def write_report(out_dir: str, result: dict, samples: dict, references: dict) ->
     return [md, js, os.path.join(out_dir, "runs.jsonl")] + [os.path.join(out_dir, v) for v in figures.values()]
 
 
+def draw_robustness_figures(robust: list[dict], cells: list[dict], out_dir: str, families=None) -> dict:
+    """The summary figure and one robustness matrix per data family: ``{figure key: path}``."""
+    families = list(dict.fromkeys(families or [])) or plots.robustness_families(robust)
+    out = {"summary": plots.plot_summary(robust, out_dir)}
+    for fam in families:
+        out[f"robustness_{fam}"] = plots.plot_robustness(robust, cells, out_dir, fam)
+    return out
+
+
+# --------------------------------------------------------------------------- reading a written report back
+
+_CLASS_OF = {"**robustly better**": "robust-better", "**robustly worse**": "robust-worse", "depends": "depends",
+             "no effect": "none", "no robust effect": "none", "not classified": "unclassified"}
+
+
+def _parse_pct(text: str) -> float:
+    text = text.strip().replace("−", "-")
+    return float(text.rstrip("%")) / 100 if text not in ("n/a", "") else float("nan")
+
+
+def _parse_metric(text: str) -> str:
+    return f"quality@{text.split('-')[0]}" if text.endswith("-step") else text
+
+
+def _table_rows(lines: list[str], start: int) -> list[list[str]]:
+    """The body rows of the Markdown table whose header is ``lines[start]``, as lists of cell texts."""
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def read_report_md(text: str) -> dict:
+    """The robustness rows, per-cell verdicts and Gaussian scores of a ``report.md`` this module wrote.
+
+    Returns ``{"robustness": rows, "verdicts": cells, "gaussian": {dataset: score}}`` with the fields
+    :func:`plots.plot_summary` and :func:`plots.plot_robustness` read. Numbers come from the tables'
+    rounding (changes to 2 significant digits), which the figures do not resolve; ``vanilla_works`` of
+    a cell is recomputed from vanilla's mean with the most sampler steps at the cell's budget.
+    """
+    from .data import FAMILY
+
+    lines = text.splitlines()
+    gaussian = {}
+    for line in lines:
+        m = re.match(r"- `([\w-]+)`: .*moment-matched Gaussian ([0-9.eE+-]+)$", line)
+        if m:
+            gaussian[m.group(1)] = float(m.group(2))
+    robust = []
+    cells = []
+    setting = None
+    for i, line in enumerate(lines):
+        if line.startswith("| data | objective | metric | arm | class |"):
+            for c in _table_rows(lines, i):
+                counts = re.match(r"(\d+) / (\d+) / (\d+) \((\d+)\)", c[5])
+                change = re.match(r"(\S+) \((\S+) to (\S+)\)", c[6])
+                n_b, n_w, n_ns, excl = (int(x) for x in counts.groups())
+                robust.append({"family": c[0], "objective": c[1], "metric": _parse_metric(c[2]), "arm": c[3],
+                               "class": _CLASS_OF[c[4]], "n_better": n_b, "n_worse": n_w,
+                               "cells": n_b + n_w + n_ns, "excluded": excl,
+                               "rel_median": _parse_pct(change.group(1)), "rel_min": _parse_pct(change.group(2)),
+                               "rel_max": _parse_pct(change.group(3)),
+                               "p_bh": float(c[7]) if c[7] != "n/a" else float("nan"),
+                               "flips": [] if c[8] == "-" else [x.strip() for x in c[8].split(",")]})
+        elif line.startswith("### "):
+            setting = line[4:].strip()
+        elif line.startswith("| sampler | metric | budget | arm | arm | vanilla |") and setting:
+            parts = setting.split("/")
+            dataset, objective, model = parts[0], parts[1], parts[-1]
+            schedule = parts[2] if objective == "ddpm" else "-"
+            for c in _table_rows(lines, i):
+                rel = _parse_pct(c[6])
+                cells.append({"setting": setting, "dataset": dataset, "objective": objective, "schedule": schedule,
+                              "model": model, "sampler": c[0], "metric": _parse_metric(c[1]), "budget": int(c[2]),
+                              "arm": c[3], "vanilla_mean": float(c[5].split(" ± ")[0]), "rel_change": rel,
+                              "mean_log_ratio": math.log1p(rel) if rel > -1 else float("nan"),
+                              "verdict": c[8]})
+    most = {}
+    for c in cells:
+        if c["metric"].startswith("quality@"):
+            key = (c["setting"], c["sampler"], c["budget"])
+            steps = int(c["metric"].split("@")[1])
+            if steps >= most.get(key, (0, 0.0))[0]:
+                most[key] = (steps, c["vanilla_mean"])
+    for c in cells:
+        g = gaussian.get(c["dataset"])
+        v = most.get((c["setting"], c["sampler"], c["budget"]))
+        c["vanilla_works"] = None if g is None or v is None else v[1] < g
+    for r in robust:
+        r.setdefault("series", r["family"])
+    return {"robustness": robust, "verdicts": cells, "gaussian": gaussian,
+            "families": list(dict.fromkeys(FAMILY.get(c["dataset"], c["dataset"]) for c in cells))}
+
+
+def redraw(report_md: str, out_dir: str | None = None) -> list[str]:
+    """Draw the summary figure and the per-family robustness matrices of a written ``report.md`` again,
+    from its tables, into ``out_dir`` (default: the report's folder); returns the paths."""
+    with open(report_md, encoding="utf-8") as f:
+        parsed = read_report_md(f.read())
+    out_dir = out_dir or os.path.dirname(os.path.abspath(report_md))
+    os.makedirs(out_dir, exist_ok=True)
+    return list(draw_robustness_figures(parsed["robustness"], parsed["verdicts"], out_dir,
+                                        parsed["families"]).values())
+
+
 def _json_default(o):
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-__all__ = ["FAMILY", "expected_files", "render_markdown", "robust_lines", "summary_lines", "write_report"]
+__all__ = ["FAMILY", "expected_files", "findings_table", "read_report_md", "redraw", "render_markdown", "robust_lines",
+           "summary_lines", "write_report"]
