@@ -8,6 +8,7 @@ and range itself and names the key in its error.
 from __future__ import annotations
 
 import argparse
+import difflib
 from dataclasses import dataclass
 
 import immiscible
@@ -114,6 +115,36 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                                     " (0 = off; N pools to N x N)"),
         validation=immiscible.check_flag("immiscible_validation", get("immiscible_validation")),
     )
+
+
+def near_misses(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Keys of ``args`` that are not one of the options but look like one (another case, ``-`` for
+    ``_``, an edit or two): ``(key, the option it probably means)``.
+
+    A trainer keeps unknown config-file keys silently, so ``immiscible_K = 8`` in a TOML would
+    otherwise train on stock noise while the user believes selection is on.
+    """
+    found = []
+    for key in vars(args):
+        if key in DEFAULTS:
+            continue
+        normal = key.lower().replace("-", "_")
+        if not normal.startswith("im") and "misc" not in normal and "misib" not in normal:
+            continue
+        meant = normal if normal in DEFAULTS else next(iter(difflib.get_close_matches(normal, DEFAULTS, 1, 0.85)), None)
+        if meant is not None:
+            found.append((key, meant))
+    return found
+
+
+def check_near_misses(args: argparse.Namespace) -> None:
+    """``ValueError`` naming each mistyped option key and what it probably means."""
+    misses = near_misses(args)
+    if misses:
+        keys = "; ".join(f"{key!r} (did you mean {meant}?)" for key, meant in misses)
+        raise ValueError(f"unknown option {keys}: it is not one of this pack's options, and the trainer would ignore "
+                         "it silently, so selection would not be what you set. Fix the key "
+                         "/ オプション名の綴りを確認してください")
 
 
 def with_metadata(metadata, settings: Settings | None, no_metadata: bool = False, stock_batches: int | None = None):

@@ -7,6 +7,7 @@ Errors are raised as ``ValueError`` or, given the host's parser, reported with `
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 
@@ -15,7 +16,7 @@ import torch
 import immiscible
 
 from .inline import inline_status, intercept_point
-from .options import Settings, settings_from_args
+from .options import Settings, check_near_misses, settings_from_args
 from .points import INLINE, NOISE_KINDS, PatchPoint, PointStatus, broken, point_for_script
 from .ranks import distributed_rank
 
@@ -33,6 +34,13 @@ def summary(settings: Settings, backend: str, points: list[str]) -> str:
 
 def active_noise_points(points, statuses: dict[str, PointStatus]) -> list[str]:
     return [p.name for p in points if p.kind in NOISE_KINDS and p.name in statuses and statuses[p.name].ok]
+
+
+def check_dependencies(settings: Settings) -> None:
+    """``--immiscible_mode assign`` needs scipy: say so before any model loads, not at the first batch."""
+    if settings.enabled and settings.mode == "assign" and importlib.util.find_spec("scipy") is None:
+        raise ValueError("--immiscible_mode assign needs scipy, which this environment lacks: "
+                         "pip install scipy (or use --immiscible_mode knn)")
 
 
 def check_guard(adapter, settings: Settings) -> None:
@@ -88,7 +96,9 @@ def start_up(adapter, args, parser=None) -> Settings:
         raise ValueError(msg) from cause
 
     try:
+        check_near_misses(args)
         settings = settings_from_args(args)
+        check_dependencies(settings)
         for check in adapter.host.checks:
             check(args, settings)
         check_guard(adapter, settings)

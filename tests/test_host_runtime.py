@@ -239,3 +239,27 @@ def test_summary_line():
     assert line == ("immiscible: k=8 mode=knn metric=l2 coarse=off backend=torch (asked auto) validation noise=stock; "
                     "patch points active: a, b")
     assert "coarse=8x8 " in startup.summary(options.Settings(k=8, coarse=8), "torch", [])
+
+
+@pytest.mark.parametrize("key", ["immiscible_K", "immisible_k", "immiscible-k", "Immiscible_Mode", "immiscibel_coarse"])
+def test_a_mistyped_option_key_stops_the_start_up(key):
+    """sd-scripts keeps unknown --config_file keys silently: a near miss of ours must not train on stock noise."""
+    args = ns(**{key: 8}, config_file="my.toml")
+    with pytest.raises(ValueError, match=rf"unknown option '{key}' \(did you mean immiscible_[a-z]+\?\).*my.toml"):
+        fake_adapter().start_up(args)
+
+
+def test_unrelated_keys_are_not_near_misses():
+    args = ns(network_dim=4, image_k=3, noise_offset=0.1, mixed_precision="no", min_snr_gamma=5, immiscible_k=4)
+    assert options.near_misses(args) == []
+    assert fake_adapter().start_up(args).k == 4
+
+
+def test_assign_without_scipy_stops_at_start_up(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(ValueError, match="--immiscible_mode assign needs scipy.*pip install scipy"):
+        fake_adapter().start_up(ns(immiscible_k=4, immiscible_mode="assign"))
+    assert fake_adapter().start_up(ns(immiscible_k=4, immiscible_mode="knn")).mode == "knn"

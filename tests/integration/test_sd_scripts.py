@@ -115,7 +115,9 @@ def probe_config(tmp):
              "negative_coarse": "immiscible_coarse = -2\n", "float_coarse": "immiscible_coarse = 8.0\n",
              "string_k": 'immiscible_k = "64"\n', "float_k": "immiscible_k = 64.5\n", "zero_k": "immiscible_k = 0\n",
              "negative_k": "immiscible_k = -3\n", "bad_mode": 'immiscible_mode = "hungarian"\n',
-             "bad_flag": 'immiscible_validation = "yes"\n'}
+             "bad_flag": 'immiscible_validation = "yes"\n',
+             # issue 17: keys sd-scripts would keep silently, training on stock noise
+             "typo_case": "immiscible_K = 8\n", "typo_edit": "immisible_k = 8\n", "typo_dash": "immiscible-k = 8\n"}
     for name, body in cases.items():
         path = Path(tmp) / f"{name}.toml"
         path.write_text("[immiscible]\n" + body)
@@ -395,7 +397,8 @@ if __name__ != "__main__":
                         "validation": False}
         for bad, needle in (("string_k", "'64'"), ("float_k", "64.5"), ("zero_k", "got 0"), ("negative_k", "got -3"),
                             ("bad_mode", "hungarian"), ("bad_flag", "'yes'"), ("negative_coarse", "got -2"),
-                            ("float_coarse", "8.0")):
+                            ("float_coarse", "8.0"), ("typo_case", "did you mean immiscible_k"),
+                            ("typo_edit", "'immisible_k'"), ("typo_dash", "'immiscible-k'")):
             c = r["cases"][bad]
             assert not c["ok"] and c["code"] == 2, (bad, c)
             assert "immiscible_" in c["stderr"] and needle in c["stderr"], (bad, c["stderr"])
