@@ -327,7 +327,7 @@ def install(python: str, package: str, pth_name: str, marker_name: str, line: st
     if problem is None and not (from_this_pack(info[package]) and from_this_pack(info.get("immiscible_host"))):
         problem = f"{package} or immiscible_host still does not import from {PACK_DIR}"
     if problem:
-        say(f"ERROR: the pack does not import in {python}: {problem}. Run install.py again once it does.")
+        say(f"ERROR: the pack does not import in {python}: {problem}. Run install.py again once it imports there.")
         if pth.exists():
             say(f"the start-up hook {pth} of an earlier install is left as it was (it does nothing while the pack "
                 "cannot be imported; install.py --check reports it); install.py --uninstall removes it")
