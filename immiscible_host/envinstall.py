@@ -223,7 +223,11 @@ def write_atomic(path: Path, text: str) -> None:
         mode = path.stat().st_mode & 0o7777
     except OSError:
         mode = None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror} (can this user write to "
+                                   f"{path.parent}? run install.py as the environment's owner)") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -427,3 +427,32 @@ def test_real_venv_with_its_dependencies_gets_an_active_hook(bare, tmp_path, mon
     assert info["hook_active"] and info["immiscible"].startswith(str(pack))
     assert envinstall.uninstall(python, "fake_adapter", pth, marker, Said()) == 0
     assert not (site / pth).exists() and not (site / marker).exists()
+
+
+def test_a_folder_that_cannot_be_written_is_named_and_nothing_changes(target, monkeypatch):
+    def denied(path, *a):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(PermissionError, match=f"cannot write {target.site / MARKER}: Permission denied .*"
+                                              f"can this user write to {target.site}"):
+        install(Said())
+    assert not any(target.site.iterdir()) and target.pips == []
+
+
+@pytest.mark.parametrize("short", ["kohya", "musubi"])
+def test_both_adapters_markers_take_the_same_path(target, short):
+    """musubi-tuner's marker is read, reported and recovered by the same code."""
+    pth, marker = f"immiscible_{short}_startup.pth", f"immiscible_{short}_install.json"
+    target.installed, target.dist = True, "0.2.0"
+    (target.site / pth).write_text(LINE)
+    (target.site / marker).write_text("{")
+    said = Said()
+    info = target.probe("/venv/bin/python", PKG)
+    assert envinstall.report_environment(info, PKG, pth, f"install.py --{short}", said) is False
+    assert f"{target.site / marker} is UNREADABLE" in said.text
+    assert envinstall.install("/venv/bin/python", PKG, pth, marker, LINE, Said()) == 0
+    assert json.loads((target.site / marker).read_text())["pip_installed"] is None
+    (target.site / marker).write_text("")
+    assert envinstall.uninstall("/venv/bin/python", PKG, pth, marker, Said()) == 0
+    assert not any(target.site.iterdir())
