@@ -307,7 +307,7 @@ def install(python: str, package: str, pth_name: str, marker_name: str, line: st
                 "Nothing was changed.")
             return 1
     own_missing = {m for m in (info.get("missing_modules") or {}).values() if m in (package, *PACK_MODULES)}
-    pip_ran = False
+    added = intent = False  # this run pip-installed the pack / wrote the marker before pip
     if from_this_pack(info[package]) and from_this_pack(info.get("immiscible_host")) and not own_missing:
         say(f"pack already importable in {python}: {info[package]}")
     else:
@@ -317,15 +317,15 @@ def install(python: str, package: str, pth_name: str, marker_name: str, line: st
             return 1
         if not info["dist"]:
             # recorded before pip runs: an interrupted install still tells --uninstall that the pack is ours
-            kept["pip_installed"] = True
+            kept["pip_installed"] = intent = True
             write_atomic(marker, json.dumps({**kept, "pack": str(PACK_DIR), "python": python, **record},
                                             indent=1) + "\n")
         rc = pip(python, say, "install", "--no-deps", "--no-build-isolation", "-e", str(PACK_DIR))
-        pip_ran = not info["dist"]
         if rc:
-            say(f"ERROR: pip install -e {PACK_DIR} failed (exit {rc}) in {python}")
-            _undo(python, say, pip_ran, marker, before, rc_pip=rc)
+            say(f"ERROR: pip install -e {PACK_DIR} failed (exit {rc}) in {python}; no start-up hook was written")
+            _undo(python, say, False, intent, marker, before)
             return rc
+        added = not info["dist"]
         info = probe(python, package)
     problem = pack_problem(info, package)
     if problem is None and not (from_this_pack(info[package]) and from_this_pack(info.get("immiscible_host"))):
@@ -337,7 +337,7 @@ def install(python: str, package: str, pth_name: str, marker_name: str, line: st
                 "cannot be imported; install.py --check reports it); install.py --uninstall removes it")
         else:
             say("no start-up hook was written")
-        _undo(python, say, pip_ran, marker, before)
+        _undo(python, say, added, intent, marker, before)
         return 1
     if not pth.exists() or pth.read_text(encoding="utf-8", errors="replace") != line:
         write_atomic(pth, line)
@@ -349,18 +349,21 @@ def install(python: str, package: str, pth_name: str, marker_name: str, line: st
     return 0
 
 
-def _undo(python: str, say, pip_ran: bool, marker: Path, before: dict | None, rc_pip: int = 0) -> None:
-    """Take back a failed install's pip install and marker (the marker stays if the pack stays)."""
-    if pip_ran:
+def _undo(python: str, say, added: bool, intent: bool, marker: Path, before: dict | None) -> None:
+    """Take back a failed install: the pack this run pip-installed (``added``) and the marker it wrote
+    before pip ran (``intent``); the marker stays if the pack could not be removed."""
+    if added:
         rc = pip(python, say, "uninstall", "-y", DIST_NAME)
         if rc:
             say(f"could not undo the pip install of this run (exit {rc}): {marker} keeps recording it, so "
                 "install.py --uninstall removes it")
             return
         say(f"undid the pip install of this run ({DIST_NAME})")
+    if not intent:
+        return
     if before is None:
         marker.unlink(missing_ok=True)
-    elif pip_ran:
+    else:
         write_atomic(marker, json.dumps(before, indent=1) + "\n")
 
 

@@ -456,3 +456,12 @@ def test_both_adapters_markers_take_the_same_path(target, short):
     (target.site / marker).write_text("")
     assert envinstall.uninstall("/venv/bin/python", PKG, pth, marker, Said()) == 0
     assert not any(target.site.iterdir())
+
+
+def test_a_failed_pip_install_leaves_nothing(target, monkeypatch):
+    monkeypatch.setattr(envinstall, "pip", lambda python, say, *args: target.pips.append(args) or 1)
+    said = Said()
+    assert install(said) == 1 and "pip install -e" in said.text and "failed (exit 1)" in said.text
+    assert not any(target.site.iterdir()) and [a[0] for a in target.pips] == ["install"]
+    (target.site / MARKER).write_text('{"sd_scripts": "/old"}')  # an earlier marker is given back as it was
+    assert install(Said()) == 1 and json.loads((target.site / MARKER).read_text()) == {"sd_scripts": "/old"}
