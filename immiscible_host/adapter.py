@@ -10,18 +10,27 @@ that one description. Importing this module imports nothing heavy: the start-up 
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hook import ImportHook
-from .points import GUARD, PatchPoint, hook_targets, point_of_kind
+from .points import GUARD, hook_targets, point_of_kind
 
 
-@dataclass(frozen=True, eq=False)
-class Host:
+_HOST_FIELDS = ("name", "package", "short", "points", "k_help", "install_flag", "disable_env", "dump_env",
+                "checkout_file", "root_module", "trainer_globs", "version_files", "known_versions", "validation_arg",
+                "checks", "source_dir", "pyproject_version", "not_in_version", "always_intercept", "unknown_trainer",
+                "notes")
+_HOST_DEFAULTS = ({}, None, (), "", False, {}, None,
+                  "not a trainer this pack knows: with --immiscible_k > 1 it stops at its first step unless its noise "
+                  "goes through a patch point above",
+                  None)
+
+
+class Host(collections.namedtuple("Host", _HOST_FIELDS, defaults=_HOST_DEFAULTS)):
     """What the kit needs to know about one training program.
 
     Parameters
@@ -70,30 +79,14 @@ class Host:
         What ``--check`` says of a shipped trainer the table does not name.
     notes : callable ``root -> list[str]``, optional
         More ``--check`` lines about a checkout (e.g. a noise selection of the program's own).
+
+    (Immutable; a named tuple rather than a dataclass, so that building it at interpreter start-up
+    imports nothing more.)
     """
 
-    name: str
-    package: str
-    short: str
-    points: tuple[PatchPoint, ...]
-    k_help: str
-    install_flag: str
-    disable_env: str
-    dump_env: str
-    checkout_file: str
-    root_module: tuple[str, int]
-    trainer_globs: tuple[str, ...]
-    version_files: tuple[str, tuple[str, ...]]
-    known_versions: dict = field(default_factory=dict)
-    validation_arg: str | None = None
-    checks: tuple = ()
-    source_dir: str = ""
-    pyproject_version: bool = False
-    not_in_version: dict = field(default_factory=dict)
-    always_intercept: str | None = None
-    unknown_trainer: str = ("not a trainer this pack knows: with --immiscible_k > 1 it stops at its first step "
-                            "unless its noise goes through a patch point above")
-    notes: object = None
+    __slots__ = ()
+    #: Hashable by identity (its dict fields are not hashable), so a host can key a cache.
+    __hash__ = object.__hash__
 
     @property
     def pth_name(self) -> str:

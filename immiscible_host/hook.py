@@ -7,21 +7,19 @@ and wraps the loader's ``exec_module`` so that ``patch(module)`` runs once the m
 A module without the identifying attribute (another project's ``library`` package) is left alone,
 and a ``patch`` that raises is logged and swallowed, so the host always imports.
 
-It imports nothing heavy, so an adapter can install it at interpreter start-up.
+It imports nothing heavy, so an adapter can install it at interpreter start-up: not even
+``importlib.abc`` or ``logging`` (a finder only needs ``find_spec``; a failure is logged lazily),
+since every interpreter of the trainer's environment pays for what this module imports.
 """
 from __future__ import annotations
 
-import importlib.abc
-import logging
 import os
 import sys
-
-logger = logging.getLogger(__name__)
 
 MARK = "__immiscible_patched__"
 
 
-class ImportHook(importlib.abc.MetaPathFinder):
+class ImportHook:
     """Calls ``patch(module)`` after any module in ``targets`` is imported.
 
     Parameters
@@ -49,9 +47,15 @@ class ImportHook(importlib.abc.MetaPathFinder):
         try:
             self.patch(module)
         except Exception:  # noqa: BLE001 - never break the import of the host itself
-            logger.warning("immiscible: patching %s failed; it runs unpatched", name, exc_info=True)
+            import logging
+
+            logging.getLogger(__name__).warning("immiscible: patching %s failed; it runs unpatched", name,
+                                                exc_info=True)
 
     # ------------------------------------------------------------------ finder
+
+    def invalidate_caches(self) -> None:
+        """What ``importlib.invalidate_caches`` asks of every finder (ours has no cache)."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in self.targets:

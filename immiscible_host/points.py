@@ -11,7 +11,7 @@ This module imports nothing heavy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
 from pathlib import Path
 
 #: Kinds of patch point: the role each plays. Every kind but ``INLINE`` has one wrapper factory in
@@ -33,39 +33,39 @@ KINDS = SUPPORT_KINDS + NOISE_KINDS
 OK, ABSENT, BROKEN = "ok", "absent", "broken"
 
 
-@dataclass(frozen=True)
-class PatchPoint:
-    """One place in a host program that an adapter wraps or intercepts.
+_POINT_FIELDS = ("name", "module", "attribute", "kind", "params", "needle", "scripts", "aliases", "patched_with",
+                 "identifies", "in_host")
+_POINT_DEFAULTS = ((), None, (), (), None, False, True)
+
+
+class PatchPoint(collections.namedtuple("PatchPoint", _POINT_FIELDS, defaults=_POINT_DEFAULTS)):
+    """One place in a host program that an adapter wraps or intercepts (immutable).
 
     ``module`` is an import name (``"library.train_util"``); ``aliases`` are other names the same
     code has had (an older file name). ``attribute`` may be dotted (``"Accelerator.init_trackers"``).
     ``kind`` is the point's role; its wrapper is ``immiscible_host.wrappers.FACTORIES[kind]`` (none
-    for ``INLINE`` points, which are intercepted at start-up). ``scripts`` are the trainers that
-    need the point (a noise point: the trainers that draw through it; a support point: only those
-    trainers, e.g. a full fine-tune's own parser; empty: every trainer).
-    ``patched_with`` is the host module whose import triggers the patch (default: ``module``).
-    ``identifies`` marks the attribute that tells the host's module from a namesake of another
-    project; every module the hook targets has exactly one. ``in_host`` is False for a library
-    the host uses (accelerate): such points have no source file in the host's tree.
+    for ``INLINE`` points, which are intercepted at start-up). ``params`` are parameter names the
+    function must have (a ``START_UP`` point names its namespace first); ``needle`` is text its body
+    must contain. ``scripts`` are the trainers that need the point (a noise point: the trainers that
+    draw through it; a support point: only those trainers, e.g. a full fine-tune's own parser;
+    empty: every trainer). ``patched_with`` is the host module whose import triggers the patch
+    (default: ``module``). ``identifies`` marks the attribute that tells the host's module from a
+    namesake of another project; every module the hook targets has exactly one. ``in_host`` is
+    False for a library the host uses (accelerate): such points have no source file in the host's tree.
+
+    (A named tuple rather than a dataclass: the start-up hook builds the table in every interpreter
+    of the trainer's environment, and ``dataclasses`` costs that interpreter its ``inspect`` import.)
     """
 
-    name: str
-    module: str
-    attribute: str
-    kind: str
-    params: tuple[str, ...] = ()
-    needle: str | None = None
-    scripts: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-    patched_with: str | None = None
-    identifies: bool = False
-    in_host: bool = True
+    __slots__ = ()
 
-    def __post_init__(self):
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls, *args, **kwargs)
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == START_UP and not self.params:
             raise ValueError(f"{self.name}: a start-up point names its namespace parameter first in params")
+        return self
 
     @property
     def trigger(self) -> str:
@@ -82,10 +82,10 @@ class PatchPoint:
         return tuple(m.replace(".", "/") + ".py" for m in self.modules) if self.in_host else ()
 
 
-@dataclass(frozen=True)
-class PointStatus:
-    state: str
-    detail: str = ""
+class PointStatus(collections.namedtuple("PointStatus", ("state", "detail"), defaults=("",))):
+    """A point's state in one host version or process: ``ok``, ``absent`` or ``broken``, and why."""
+
+    __slots__ = ()
 
     @property
     def ok(self) -> bool:
