@@ -53,7 +53,7 @@ def _panels(summary: dict, dataset: str) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _grid(n: int, max_cols: int = 4):
+def _grid(n: int, max_cols: int = 3):
     cols = min(max_cols, n)
     return math.ceil(n / cols), cols
 
@@ -74,7 +74,7 @@ def _panel_figure(count: int, width: float, height: float):
 def plot_quality(summary: dict, dataset: str, metric_label: str, gaussian: float, floor: float, out_dir: str) -> str:
     """Sample distance (most sampler steps) against training step, one panel per setting and sampler."""
     panels = _panels(summary, dataset)
-    fig, axes = _panel_figure(len(panels), 3.4, 2.8)
+    fig, axes = _panel_figure(len(panels), 3.6, 3.0)
     for ax, (key, sampler, st) in zip(axes.flat, panels):
         colors = arm_colors(st["arms"])
         steps = max(st["arms"]["vanilla"]["quality"][sampler], key=int)
@@ -83,19 +83,19 @@ def plot_quality(summary: dict, dataset: str, metric_label: str, gaussian: float
         ax.axhline(gaussian, color="grey", ls="--", lw=0.8, label="moment-matched Gaussian")
         ax.axhline(floor, color="grey", ls=":", lw=0.8, label="floor (data vs data)")
         ax.set_yscale("log")
-        ax.set_title(f"{_title(key, sampler)}, {steps} steps", fontsize=8)
-        ax.set_xlabel("training step", fontsize=7)
-        ax.tick_params(labelsize=6)
-    axes.flat[0].set_ylabel(metric_label, fontsize=7)
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle(f"{dataset}: sample distance to held-out data (lower is better; mean ± std over seeds)", fontsize=9)
+        ax.set_title(f"{_title(key, sampler)}, {steps} steps", fontsize=10)
+        ax.set_xlabel("training step", fontsize=9)
+        ax.tick_params(labelsize=9)
+    axes.flat[0].set_ylabel(metric_label, fontsize=9)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{dataset}: sample distance to held-out data (lower is better; mean ± std over seeds)", fontsize=11)
     return _save(fig, os.path.join(out_dir, f"quality_{dataset}.png"))
 
 
 def plot_final(summary: dict, dataset: str, out_dir: str) -> str:
     """Final distance of each arm divided by vanilla's (paired by seed; geometric mean and per-seed range)."""
     panels = _panels(summary, dataset)
-    fig, axes = _panel_figure(len(panels), 3.8, 2.9)
+    fig, axes = _panel_figure(len(panels), 3.6, 3.0)
     for ax, (key, sampler, st) in zip(axes.flat, panels):
         arms = st["arms"]
         samplers = list(arms["vanilla"]["quality"][sampler])
@@ -112,13 +112,13 @@ def plot_final(summary: dict, dataset: str, out_dir: str) -> str:
             ax.bar(x, mean, width, yerr=[lo, hi], color=colors[arm], label=arm, capsize=1.5)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_yscale("log")
-        ax.set_xticks(range(len(samplers)), [f"{s} steps" for s in samplers], fontsize=7)
-        ax.set_title(_title(key, sampler), fontsize=8)
-        ax.tick_params(labelsize=6)
-    axes.flat[0].set_ylabel("final distance / vanilla's (same seed)", fontsize=7)
-    axes.flat[min(len(panels), axes.shape[1]) - 1].legend(fontsize=6)
+        ax.set_xticks(range(len(samplers)), [f"{s} steps" for s in samplers], fontsize=9)
+        ax.set_title(_title(key, sampler), fontsize=10)
+        ax.tick_params(labelsize=9)
+    axes.flat[0].set_ylabel("final distance / vanilla's (same seed)", fontsize=9)
+    axes.flat[min(len(panels), axes.shape[1]) - 1].legend(fontsize=8)
     fig.suptitle(f"{dataset}: arm / vanilla at the last checkpoint (bars: geometric mean; whiskers: seed range)",
-                 fontsize=9)
+                 fontsize=11)
     return _save(fig, os.path.join(out_dir, f"final_{dataset}.png"))
 
 
@@ -343,7 +343,7 @@ def _steps_of(metric: str) -> int:
 def plot_noise_and_cost(summary: dict, library_ms: dict, out_dir: str) -> str:
     """Left: |n|^2/D of the noise trained on (N(0, I) gives 1). Right: pairing ms per step."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     datasets = list(dict.fromkeys(st["dataset"] for st in summary.values()))
     arms = list(dict.fromkeys(a for st in summary.values() for a in st["arms"]))
     width = 0.8 / max(1, len(datasets))
@@ -361,21 +361,24 @@ def plot_noise_and_cost(summary: dict, library_ms: dict, out_dir: str) -> str:
             axes[1].scatter(x, np.maximum(lib, 1e-3), marker="x", color="black", zorder=3,
                             label="immiscible.select_noise (torch)" if d_i == 0 else None)
     axes[0].axhline(1.0, color="grey", ls="--", lw=0.8)
-    axes[0].set_ylabel("|n|^2 / D", fontsize=8)
-    axes[0].set_title("norm of the noise trained on (sampling starts from N(0, I): 1)", fontsize=9)
+    axes[0].set_ylabel("|n|² / D", fontsize=10)
+    axes[0].set_title("norm of the noise trained on\n(sampling starts from N(0, I): 1)", fontsize=11)
     axes[1].set_yscale("log")
-    axes[1].set_ylabel("ms per training step", fontsize=8)
-    axes[1].set_title("pairing wall-clock per step", fontsize=9)
+    axes[1].set_ylabel("ms per training step", fontsize=10)
+    axes[1].set_title("pairing wall-clock per step", fontsize=11)
     for ax in axes:
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=7)
-        ax.legend(fontsize=7)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", rotation_mode="anchor", fontsize=10)
+        ax.tick_params(axis="y", labelsize=10)
+        ax.legend(fontsize=9)
     return _save(fig, os.path.join(out_dir, "noise_and_cost.png"))
 
 
 def plot_effect(rows: list[dict], out_dir: str) -> str:
     """Distance reduction, chosen-noise std and pooled-space cosine against D, one line per (mode, metric, coarse, k)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.6))
+    legend_ax = axes[1, 1]
+    axes = [axes[0, 0], axes[0, 1], axes[1, 0]]
     keys = sorted({(r["mode"], r["metric"], r.get("coarse", 0), r["k"]) for r in rows})
     for mode, metric, coarse, k in keys:
         sel = sorted((r for r in rows if (r["mode"], r["metric"], r.get("coarse", 0), r["k"]) == (mode, metric, coarse, k)),
@@ -391,14 +394,18 @@ def plot_effect(rows: list[dict], out_dir: str) -> str:
         if pooled:
             axes[2].plot(*zip(*pooled), marker="o", ls=ls, label=label)
     axes[0].set_xscale("log"); axes[0].set_yscale("log")
-    axes[0].set_title("mean L2 distance reduction vs random noise (full space)", fontsize=9)
+    axes[0].set_title("mean L2 distance reduction\nvs random noise (full space)", fontsize=11)
     axes[1].set_xscale("log"); axes[1].axhline(1.0, color="grey", ls="--", lw=0.8)
-    axes[1].set_title("std of the chosen noise (N(0, I): 1)", fontsize=9)
+    axes[1].set_title("std of the chosen noise (N(0, I): 1)", fontsize=11)
     axes[2].set_xscale("log")
-    axes[2].set_title("cosine after pooling to N x N (N = coarse, else 8)", fontsize=9)
+    axes[2].set_title("cosine after pooling to N × N\n(N = coarse, else 8)", fontsize=11)
     for ax in axes:
-        ax.set_xlabel("D (elements per sample)", fontsize=8)
-    axes[2].legend(fontsize=6)
+        ax.set_xlabel("D (elements per sample)", fontsize=10)
+        ax.tick_params(labelsize=10)
+        ax.xaxis.set_minor_formatter(_plt().NullFormatter())
+    legend_ax.axis("off")
+    legend_ax.legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=10, frameon=False,
+                     title="selection (dashed: coarse)", title_fontsize=10)
     return _save(fig, os.path.join(out_dir, "effect_size.png"))
 
 
@@ -419,13 +426,13 @@ def plot_samples(samples: dict, dataset: str, shape: tuple, reference, out_dir: 
     plt = _plt()
     keys = [k for k in samples if k.split("/")[0] == dataset]
     arms = list(dict.fromkeys(a for k in keys for a in samples[k]))
-    fig, axes = plt.subplots(len(keys), len(arms) + 1, figsize=(1.9 * (len(arms) + 1), 2.0 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), len(arms) + 1, figsize=(1.8 * (len(arms) + 1), 1.9 * len(keys) + 0.2), squeeze=False)
     for i, key in enumerate(keys):
         panels = [("held-out data", reference)] + [(a, samples[key].get(a)) for a in arms]
         for j, (title, x) in enumerate(panels):
             ax = axes[i][j]
             ax.set_xticks([]); ax.set_yticks([])
-            ax.set_title(title if i == 0 else "", fontsize=7)
+            ax.set_title(title if i == 0 else "", fontsize=10)
             if x is None:
                 ax.axis("off")
                 continue
@@ -435,5 +442,5 @@ def plot_samples(samples: dict, dataset: str, shape: tuple, reference, out_dir: 
                 ax.set_xlim(-3.5, 3.5); ax.set_ylim(-3.5, 3.5)
             else:
                 ax.imshow(_tile(x, shape), cmap="gray_r" if shape[0] == 1 else None, vmin=0, vmax=1)
-        axes[i][0].set_ylabel(key.split("/", 1)[1], fontsize=6)
+        axes[i][0].set_ylabel(key.split("/", 1)[1], fontsize=9)
     return _save(fig, os.path.join(out_dir, f"samples_{dataset}.png"))
