@@ -354,6 +354,18 @@ def check_t(t) -> float:
     return float(t)
 
 
+def _plain_noise_info(x: torch.Tensor, noise: torch.Tensor, seed: int, mode: str, metric: str,
+                      indices: list[int]) -> immiscible.SelectionInfo:
+    """The ``SelectionInfo`` of no selection: the noise is the one candidate (an all-zero latent)."""
+    flat_x, flat_n = x.flatten(1).float(), noise.flatten(1).float()
+    distance = (flat_x - flat_n).square().sum(1)
+    cosine = torch.nn.functional.cosine_similarity(flat_x, flat_n, dim=1, eps=1e-30)
+    return immiscible.SelectionInfo(index=torch.zeros(x.shape[0], dtype=torch.long), distance=distance,
+                                    mean_distance=distance.clone(), cosine=cosine, seed=seed, k=1, mode=mode,
+                                    metric=metric, backend="none", distances=distance[:, None],
+                                    cosines=cosine[:, None], sample_ids=indices)
+
+
 def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, model=None,
             latent_format: str = "auto", max_rows: int = 4, coarse: int = 0) -> PreviewResult:
     """Everything the Immiscible Noise Preview node outputs."""
@@ -371,25 +383,19 @@ def preview(latent: dict, k: int, mode: str, metric: str, seed: int, t: float, m
                 "mixing": "flow" if space.flow else "eps", "sigma": f"{space.sigma(t):.3g}"}
     if coarse:
         settings["coarse"] = f"{coarse}x{coarse}"
-    pooled = None
     if torch.count_nonzero(samples) == 0:
         # Nothing to align to: the one "candidate" is the random noise itself.
         _log_zero_once()
         assigned = random_noise.clone()
-        own = viz.noise_stats(x, random_noise)
-        distances, cosines = (torch.from_numpy(own[key])[:, None] for key in ("distance", "cosine"))
-        chosen = torch.zeros(x.shape[0], dtype=torch.long)
+        info = _plain_noise_info(x, random_noise, seed, mode, metric, indices)
         settings["note"] = "all-zero latent: plain noise"
     else:
         assigned, info = select(x, k, seed, mode, metric, indices, coarse)
-        distances, cosines, chosen = info.distances, info.cosines, info.index
-        if info.coarse is not None:
-            pooled = viz.PooledScores(info.coarse, info.coarse_distances, info.coarse_cosines)
     noisy_random, noisy_assigned = space.mix(x, random_noise, t), space.mix(x, assigned, t)
-    data = viz.PreviewData(x, random_noise, assigned, noisy_random, noisy_assigned, distances, cosines, chosen, t,
+    data = viz.PreviewData(x, random_noise, assigned, noisy_random, noisy_assigned, info, t,
                            settings, getattr(space.format, "latent_rgb_factors", None),
                            getattr(space.format, "latent_rgb_factors_bias", None),
-                           1.0 if space.flow else 1.0 / (1.0 + space.sigma(t) ** 2) ** 0.5, pooled)
+                           1.0 if space.flow else 1.0 / (1.0 + space.sigma(t) ** 2) ** 0.5)
     stats = viz.preview_stats(data)
     dtype = samples.dtype
 

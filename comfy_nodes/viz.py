@@ -1,8 +1,10 @@
 """The Immiscible Noise Preview's pictures and numbers: assigned versus random noise, as RGB arrays.
 
 Pure functions from tensors to ``numpy`` arrays (matplotlib Agg); nothing here imports ComfyUI.
-The candidates' scores come in from the selection (``SelectionInfo.distances`` / ``.cosines``);
-:func:`preview_stats` derives every statistic from them once, and the sheet and the text read it.
+The selection's own numbers come in as its ``immiscible.SelectionInfo`` (every candidate's distance
+and cosine, the chosen one's, the candidate mean and the reduction ``1 - d(chosen) / mean
+d(candidates)``, and their pooled ``coarse_*`` versions); :func:`preview_stats` reads them and
+scores only the random noise, once, and the sheet and the text read its result.
 Every tensor is in *model space* (the space where the noise is standard Gaussian, after a latent
 format's ``process_in``), one sample per leading index: ``[B, C, H, W]`` or ``[B, C, T, H, W]``.
 
@@ -21,7 +23,7 @@ import torch
 import immiscible
 
 __all__ = ["latent_to_rgb", "noise_moments", "noise_stats", "pairing_projection", "count_crossings", "figure_to_rgb",
-           "PreviewData", "PooledScores", "PreviewStats", "preview_stats", "stats_rows", "format_stats", "render_preview_sheet"]
+           "PreviewData", "PreviewStats", "preview_stats", "stats_rows", "format_stats", "render_preview_sheet"]
 
 #: Colours of the two pairings, used in every panel.
 RANDOM_COLOR = "#d62728"
@@ -164,22 +166,13 @@ def figure_to_rgb(fig) -> np.ndarray:
 
 
 @dataclass
-class PooledScores:
-    """Coarse selection's candidate scores in the pooled space (``SelectionInfo.coarse_*``), ``[B, M]``."""
-
-    size: int                  # N of N x N average pooling
-    distances: torch.Tensor    # squared distance from each pooled latent to each pooled candidate
-    cosines: torch.Tensor      # their cosines
-
-
-@dataclass
 class PreviewData:
     """Everything the preview sheet shows; tensors in model space, ``[B, ...]``.
 
-    ``candidate_distances`` and ``candidate_cosines`` are ``[B, M]``: the squared distance and the
-    cosine from each latent to every candidate it chose among (its own ``k`` for knn, the shared
-    pool for assign), as ``SelectionInfo.distances`` / ``.cosines`` give them; ``chosen`` ``[B]``
-    indexes them.
+    ``selection`` is the selection's ``immiscible.SelectionInfo`` with every candidate's scores
+    (``distances`` and ``cosines`` ``[B, M]``: its own ``k`` for knn, the shared pool for assign),
+    and under coarse selection the pooled ``coarse_*`` ones. ``candidate_distances``,
+    ``candidate_cosines`` and ``chosen`` read it.
     """
 
     latents: torch.Tensor
@@ -187,9 +180,7 @@ class PreviewData:
     assigned_noise: torch.Tensor
     noisy_random: torch.Tensor
     noisy_assigned: torch.Tensor
-    candidate_distances: torch.Tensor
-    candidate_cosines: torch.Tensor
-    chosen: torch.Tensor
+    selection: immiscible.SelectionInfo
     t: float
     settings: dict = field(default_factory=dict)
     rgb_factors: object = None
@@ -197,18 +188,30 @@ class PreviewData:
     #: the noised latents are drawn times this (``1/sqrt(1+sigma^2)`` for ``x + sigma*noise``, the
     #: model's input scaling), so they stay in the RGB range; 1 for flow models.
     noisy_display_scale: float = 1.0
-    #: coarse selection's pooled-space scores; None when it was off
-    pooled: PooledScores | None = None
+
+    @property
+    def candidate_distances(self) -> torch.Tensor:
+        return self.selection.distances
+
+    @property
+    def candidate_cosines(self) -> torch.Tensor:
+        return self.selection.cosines
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        return self.selection.index
 
 
 @dataclass
 class PreviewStats:
     """Per-sample statistics (numpy ``[B]``) of both noises, computed once by :func:`preview_stats`.
 
-    ``random`` and ``assigned`` map ``distance``, ``cosine``, ``mean`` and ``std`` to arrays (and
-    ``coarse_distance``, ``coarse_cosine`` in the pooled space with coarse selection);
-    ``candidate_mean`` is each sample's mean squared distance over its candidates
-    (``coarse_candidate_mean`` the same, pooled).
+    ``random`` and ``assigned`` map ``distance``, ``cosine``, ``reduction``, ``mean`` and ``std`` to
+    arrays (and ``coarse_distance``, ``coarse_cosine``, ``coarse_reduction`` in the pooled space with
+    coarse selection). ``reduction`` is the core's ``1 - d / mean d(candidates)``: the assigned
+    noise's is ``SelectionInfo.reduction_per_sample``, the random noise's applies it to the random
+    noise's distance. ``candidate_mean`` is ``SelectionInfo.mean_distance`` (``coarse_candidate_mean``
+    its pooled version).
     """
 
     random: dict[str, np.ndarray]
@@ -219,47 +222,59 @@ class PreviewStats:
     coarse_candidate_mean: np.ndarray | None = None
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def _reduction(distance: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``SelectionInfo``'s reduction ``1 - d / mean d(candidates)`` for a noise that is not the chosen one."""
+    return 1.0 - distance / np.maximum(mean, 1e-30)
+
+
 def preview_stats(data: PreviewData) -> PreviewStats:
-    """The statistics of a preview. The assigned noise's distance and cosine are read from the
-    candidate scores (the selection computed them); only the random noise is scored here."""
-    dist = data.candidate_distances.detach().to("cpu", torch.float32)
-    pick = data.chosen.detach().to("cpu", torch.long)[:, None]
-    assigned = {"distance": dist.gather(1, pick)[:, 0].numpy(),
-                "cosine": data.candidate_cosines.detach().to("cpu", torch.float32).gather(1, pick)[:, 0].numpy(),
+    """The statistics of a preview. The assigned noise's are the selection's own (``SelectionInfo``);
+    only the random noise is scored here."""
+    sel = data.selection
+    assigned = {"distance": _np(sel.distance), "cosine": _np(sel.cosine), "reduction": _np(sel.reduction_per_sample),
                 **noise_moments(data.assigned_noise)}
     random = noise_stats(data.latents, data.random_noise)
-    stats = PreviewStats(random, assigned, dist.to(torch.float64).mean(1).numpy(), data.latents[0].numel())
-    if data.pooled is not None:
-        size = data.pooled.size
+    mean = _np(sel.mean_distance)
+    random["reduction"] = _reduction(random["distance"], mean)
+    stats = PreviewStats(random, assigned, mean, data.latents[0].numel())
+    if sel.coarse is not None:
+        size = sel.coarse
         pooled_random = noise_stats(immiscible.coarse_pool(data.latents, size),
                                     immiscible.coarse_pool(data.random_noise, size))
+        stats.coarse, stats.coarse_candidate_mean = size, _np(sel.coarse_mean_distance)
         random["coarse_distance"], random["coarse_cosine"] = pooled_random["distance"], pooled_random["cosine"]
-        pdist = data.pooled.distances.detach().to("cpu", torch.float32)
-        assigned["coarse_distance"] = pdist.gather(1, pick)[:, 0].numpy()
-        assigned["coarse_cosine"] = data.pooled.cosines.detach().to("cpu", torch.float32).gather(1, pick)[:, 0].numpy()
-        stats.coarse, stats.coarse_candidate_mean = size, pdist.to(torch.float64).mean(1).numpy()
+        random["coarse_reduction"] = _reduction(random["coarse_distance"], stats.coarse_candidate_mean)
+        assigned["coarse_distance"], assigned["coarse_cosine"] = _np(sel.coarse_distance), _np(sel.coarse_cosine)
+        assigned["coarse_reduction"] = _np(sel.coarse_reduction_per_sample)
     return stats
 
 
 def stats_rows(stats: PreviewStats) -> list[dict]:
-    """The table's rows: one for random, one for assigned, each averaged over the batch."""
+    """The table's rows: one for random, one for assigned, each averaged over the batch.
+
+    ``reduction_vs_candidates`` is the core's reduction in % (for the assigned noise,
+    ``SelectionInfo.reduction * 100``). ``reduction_vs_random`` is another quantity,
+    ``1 - d(noise) / d(random noise)``, which the core does not compute.
+    """
     rand_dist = np.maximum(stats.random["distance"], 1e-30)
-    cand_mean = np.maximum(stats.candidate_mean, 1e-30)
     rows = []
     for name, st in (("random", stats.random), ("assigned", stats.assigned)):
         rows.append({
             "noise": name,
             "distance": float(np.mean(st["distance"])) / stats.elements,
-            "reduction_vs_candidates": float(np.mean(1.0 - st["distance"] / cand_mean)) * 100,
+            "reduction_vs_candidates": float(np.mean(st["reduction"])) * 100,
             "reduction_vs_random": float(np.mean(1.0 - st["distance"] / rand_dist)) * 100,
             "cosine": float(np.mean(st["cosine"])),
             "mean": float(np.mean(st["mean"])),
             "std": float(np.mean(st["std"])),
         })
         if stats.coarse is not None:
-            pooled_mean = np.maximum(stats.coarse_candidate_mean, 1e-30)
             rows[-1]["coarse_cosine"] = float(np.mean(st["coarse_cosine"]))
-            rows[-1]["coarse_reduction_vs_candidates"] = float(np.mean(1.0 - st["coarse_distance"] / pooled_mean)) * 100
+            rows[-1]["coarse_reduction_vs_candidates"] = float(np.mean(st["coarse_reduction"])) * 100
     return rows
 
 
@@ -335,8 +350,8 @@ def ranking_distances(data: PreviewData, stats: PreviewStats) -> tuple[np.ndarra
     That is the pooled N x N space under coarse selection (``space`` = ``"pooled NxN"``), else the
     full latent (``"full"``), so the chosen candidate sits where the ranking put it.
     """
-    if data.pooled is not None and stats.coarse is not None:
-        cand, rand, mean, space = (data.pooled.distances, stats.random["coarse_distance"],
+    if data.selection.coarse is not None and stats.coarse is not None:
+        cand, rand, mean, space = (data.selection.coarse_distances, stats.random["coarse_distance"],
                                    stats.coarse_candidate_mean, f"pooled {stats.coarse}x{stats.coarse}")
     else:
         cand, rand, mean, space = data.candidate_distances, stats.random["distance"], stats.candidate_mean, "full"

@@ -357,6 +357,7 @@ def test_preview_reduction_is_positive_for_k_above_one():
     res = cn.preview(_latent(2, 4, 8, 8), 32, "knn", "l2", 0, 0.5)
     rows = viz.stats_rows(res.stats)
     assert rows[1]["reduction_vs_candidates"] > 0
+    assert rows[1]["reduction_vs_candidates"] == pytest.approx(res.data.selection.reduction * 100, rel=1e-6)
     assert res.data.candidate_distances.shape == (2, 32)
     assert torch.equal(res.data.candidate_distances.argmin(1), res.data.chosen)
 
@@ -407,6 +408,7 @@ def test_preview_shows_pooled_statistics_with_coarse(mode):
     np.testing.assert_allclose(res.stats.random["coarse_cosine"], cos(res.data.random_noise, x), atol=1e-5)
     rnd, asg = viz.stats_rows(res.stats)
     assert asg["coarse_cosine"] > rnd["coarse_cosine"] and asg["coarse_reduction_vs_candidates"] > 0
+    assert asg["coarse_reduction_vs_candidates"] == pytest.approx(res.data.selection.coarse_reduction * 100, rel=1e-6)
     assert "coarse=2x2" in res.text and "cos 2x2" in res.text
     plain = cn.preview(latent, 16, mode, "l2", 2, 0.5)
     assert "coarse_cosine" not in viz.stats_rows(plain.stats)[1] and "cos 2x2" not in plain.text

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import immiscible
 from comfy_nodes import viz
 
 
@@ -62,12 +63,22 @@ def test_pairing_projection_shapes_and_scale():
     assert lat1.shape == q.shape == (1, 2) and np.isfinite(q).all()
 
 
-def _data(batch):
+def _info(cand, cos, mean=None):
+    """A SelectionInfo of candidate scores ``[B, M]`` (``mean`` overrides its candidate mean)."""
+    index = cand.argmin(1)
+    b = torch.arange(cand.shape[0])
+    return immiscible.SelectionInfo(index=index, distance=cand[b, index],
+                                    mean_distance=cand.mean(1) if mean is None else mean, cosine=cos[b, index],
+                                    seed=0, k=cand.shape[1], mode="knn", metric="l2", backend="torch",
+                                    distances=cand, cosines=cos)
+
+
+def _data(batch, mean=None):
     x = torch.randn(batch, 4, 8, 8, generator=_gen()) + torch.linspace(-1, 1, 8)
     rnd, asg = torch.randn(x.shape, generator=_gen(2)), torch.randn(x.shape, generator=_gen(3))
     cand = torch.rand(batch, 16, generator=_gen(4)) * 10 + 250
     cos = torch.rand(batch, 16, generator=_gen(5)) * 0.1 - 0.05
-    return viz.PreviewData(x, rnd, asg, x + rnd, x + asg, cand, cos, cand.argmin(1), 0.5, {"k": 16, "mode": "knn"},
+    return viz.PreviewData(x, rnd, asg, x + rnd, x + asg, _info(cand, cos, mean), 0.5, {"k": 16, "mode": "knn"},
                            noisy_display_scale=0.7)
 
 
@@ -88,6 +99,21 @@ def test_preview_stats_and_rows():
     assert asg["reduction_vs_candidates"] == pytest.approx(expected)
     assert asg["distance"] == pytest.approx(np.mean(stats.assigned["distance"]) / 256)
     assert rnd["reduction_vs_random"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_reduction_is_the_cores_selection_info_not_recomputed():
+    """Issue 16: the assigned noise's reduction and the candidate mean are SelectionInfo's fields
+    (here deliberately not the mean of the distances, so a recomputation would show)."""
+    data = _data(3, mean=torch.tensor([300.0, 280.0, 260.0]))
+    sel = data.selection
+    stats = viz.preview_stats(data)
+    np.testing.assert_array_equal(stats.candidate_mean, sel.mean_distance.numpy())
+    np.testing.assert_array_equal(stats.assigned["reduction"], sel.reduction_per_sample.numpy())
+    rnd, asg = viz.stats_rows(stats)
+    assert asg["reduction_vs_candidates"] == pytest.approx(sel.reduction * 100, rel=1e-6)
+    # the random noise's: the same definition, 1 - d / mean d(candidates), for the random noise's distance
+    d_rand = viz.noise_stats(data.latents, data.random_noise)["distance"]
+    assert rnd["reduction_vs_candidates"] == pytest.approx(np.mean(1 - d_rand / sel.mean_distance.numpy()) * 100)
 
 
 @pytest.mark.parametrize("batch", [1, 6])
