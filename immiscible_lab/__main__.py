@@ -170,7 +170,8 @@ def _add_replot(sub):
     p.add_argument("--no-per-report", action="store_true", help="draw only the --summary figure")
     p.add_argument("--summary", help="path of a summary figure over every report given")
     p.add_argument("--label", action="append", default=[],
-                   help="name of the n-th report in the --summary legend (repeat; default its folder name)")
+                   help="name of the n-th report in the --summary legend (repeat; '{family}' stands for the data "
+                        "family; default: the folder name, after the family where the report has several)")
     p.add_argument("--families", type=_csv(str), help="data families of the --summary figure (default all)")
     p.add_argument("--title", help="title of the --summary figure")
     p.set_defaults(func=_replot)
@@ -190,8 +191,13 @@ def _replot(args) -> int:
         label = args.label[i] if i < len(args.label) else os.path.basename(os.path.dirname(os.path.abspath(path)))
         with open(path, encoding="utf-8") as f:
             parsed = read_report_md(f.read())
-        rows += [dict(r, series=f"{r['family']}: {label}") for r in parsed["robustness"]
-                 if not args.families or r["family"] in args.families]
+        families = {r["family"] for r in parsed["robustness"]}
+        for r in parsed["robustness"]:
+            if args.families and r["family"] not in args.families:
+                continue
+            series = (label.format(family=r["family"]) if "{family}" in label
+                      else label if len(families) == 1 else f"{r['family']}: {label}")
+            rows.append(dict(r, series=series))
     if args.summary:
         out_dir, name = os.path.split(os.path.abspath(args.summary))
         os.makedirs(out_dir, exist_ok=True)

@@ -194,7 +194,7 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str, family:
     ncols = max(len(cols) for _, _, cols, _ in layout)
     label_in = max(len(c) for _, _, cols, _ in layout for c in cols) * 0.06
     heights = [len(rows) * 0.32 + label_in + 0.5 for _, rows, _, _ in layout]
-    fig, axes = plt.subplots(len(layout), 1, figsize=(4.8 + 0.4 * max(ncols, 6), sum(heights) + 0.8),
+    fig, axes = plt.subplots(len(layout), 1, figsize=(max(8.0, 4.8 + 0.4 * ncols), sum(heights) + 1.0),
                              squeeze=False, gridspec_kw={"height_ratios": heights}, layout="constrained")
     norm = TwoSlopeNorm(vmin=-math.log(2), vcenter=0.0, vmax=math.log(2))
     image = None
@@ -230,7 +230,7 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str, family:
                      f"{'model, ' if multi_model else ''}training steps{', DDIM clipping' if obj == 'ddpm' else ''})",
                      fontsize=11, loc="left")
     fig.suptitle(f"{family}: each arm against vanilla, paired by seed\nblue better, red worse; * significant in "
-                 "that cell alone; x left out (vanilla does not beat the Gaussian there)", fontsize=11)
+                 "that cell alone\nx: left out (vanilla does not beat the moment-matched Gaussian there)", fontsize=11)
     if image is not None:
         bar = fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=min(0.8, 3.0 / sum(heights) + 0.2), aspect=15,
                            pad=0.02, location="bottom")
@@ -244,7 +244,7 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str, family:
 
 
 def _ratio_ticks(lo: float, hi: float):
-    ticks = [t for t in (0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 3.0) if lo <= t <= hi]
+    ticks = [t for t in (0.1, 0.25, 0.5, 0.75, 1.0, 2.0) if lo <= t <= hi]
     return ticks, [("0" if t == 1 else f"{100 * (t - 1):+.0f}%").replace("-", "−") for t in ticks]
 
 
