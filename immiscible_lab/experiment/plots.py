@@ -225,14 +225,14 @@ def plot_robustness(robust: list[dict], cells: list[dict], out_dir: str, family:
             label.set_color(_CLASS_COLOR.get(r["class"], "0.3"))
             if r["class"].startswith("robust"):
                 label.set_fontweight("bold")
-        ax.set_title(f"{family}, {_OBJECTIVE_LABEL.get(obj, obj)}: columns = cells "
+        ax.set_title(f"{family}, {_OBJECTIVE_LABEL.get(obj, obj)}\ncolumns: cells "
                      f"({'size, ' if multi_size else ''}{'schedule, ' if obj == 'ddpm' else ''}"
                      f"{'model, ' if multi_model else ''}training steps{', DDIM clipping' if obj == 'ddpm' else ''})",
                      fontsize=11, loc="left")
     fig.suptitle(f"{family}: each arm against vanilla, paired by seed\nblue better, red worse; * significant in "
                  "that cell alone\nx: left out (vanilla does not beat the moment-matched Gaussian there)", fontsize=11)
     if image is not None:
-        bar = fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=min(0.8, 3.0 / sum(heights) + 0.2), aspect=15,
+        bar = fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.7, aspect=25,
                            pad=0.02, location="bottom")
         bar.set_ticks([-math.log(2), -math.log(4 / 3), 0.0, math.log(4 / 3), math.log(2)],
                       labels=["−50%", "−25%", "0", "+33%", "+100%"])
