@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import Scored, distance_and_cosine, knn_select, pool_distances
+from .scoring import Scored, distance_and_cosine, knn_select, l2_ranking, large_rows, pool_distances
 from .seeding import derive_seed
 from .torch_rng import KNN_STREAM, POOL_STREAM, CandidateLayout
 
@@ -83,10 +83,12 @@ class TritonBackend:
 
         ids = torch.tensor(self.ids, dtype=torch.int64, device=x.device)
         nn, xn = knn_partial_scores(x, k, self.seed, ids)
-        dist, cos = distance_and_cosine(torch.linalg.vector_norm(x, dim=1).square()[:, None], nn, xn)
-        index = torch.argmin(dist if metric == "l2" else -cos, dim=1)
+        x_sq = torch.linalg.vector_norm(x, dim=1).square()
+        dist, cos = distance_and_cosine(x_sq[:, None], nn, xn)
+        scored = Scored(None, None, dist, cos, l2=l2_ranking(large_rows(x_sq), nn, xn, dist))
+        index = torch.argmin(scored.ranking(metric), dim=1)
         noise = self._write(torch.empty_like(x), self.ids, index.tolist(), KNN_STREAM)
-        return Scored(noise, index, dist, cos)
+        return scored._replace(noise=noise, index=index)
 
     def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
         def fill(buf, b0, b1, g0, g1):  # groups of one candidate: group g is pool member g

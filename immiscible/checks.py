@@ -30,6 +30,16 @@ SAMPLE_ID_MAX = 2**32 - 1
 MAX_ASSIGN_COST_ENTRIES = 2**27
 #: Largest accepted elements per sample (the Philox counter holds it in 32 bits, 4 at a time).
 MAX_ELEMENTS_PER_SAMPLE = 2**33
+#: The dtypes ``latents`` may have. float8 (no reductions on the CPU), complex, integer and bool
+#: tensors are refused up front, naming these.
+LATENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Largest accepted ``|value|`` in ``latents``: 2**47, about 1.4e14. Selection scores in fp32, and at
+#: this magnitude ``|x|^2`` of a sample of ``MAX_ELEMENTS_PER_SAMPLE`` (2**33) elements is 2**127,
+#: still finite in fp32 (whose largest value is just under 2**128), so every score and statistic
+#: stays finite; a sample's nearest candidate is found exactly up to it (``scoring.LARGE_NORM_SQ``).
+#: Beyond it (|x|^2 overflowing fp32 from about 1.8e19 / sqrt(D) on) every sample got candidate 0
+#: and NaN statistics. Latents of any VAE are many orders of magnitude below it.
+LATENT_ABS_MAX = 2.0**47
 
 
 def check_int(name: str, value, lo: int, hi: int, note: str = "") -> int:
@@ -86,9 +96,13 @@ def check_sample_ids(sample_ids, batch: int) -> list[int] | None:
     if sample_ids is None:
         return None
     if isinstance(sample_ids, torch.Tensor):
-        if sample_ids.is_floating_point() or sample_ids.is_complex() or sample_ids.dim() != 1:
-            raise TypeError(f"sample_ids must be a 1-D integer tensor or a sequence of ints, "
-                            f"got {sample_ids.dtype} of shape {tuple(sample_ids.shape)}")
+        if (sample_ids.is_floating_point() or sample_ids.is_complex() or sample_ids.dim() != 1
+                or sample_ids.layout != torch.strided):
+            raise TypeError(f"sample_ids must be a dense 1-D integer tensor or a sequence of ints, "
+                            f"got {sample_ids.dtype} of shape {tuple(sample_ids.shape)} and layout {sample_ids.layout}")
+        if sample_ids.device.type == "meta":
+            raise ValueError("sample_ids are on the meta device, which holds no values; pass a tensor with values "
+                             "or a sequence of ints")
         sample_ids = sample_ids.tolist()
     try:
         ids = list(sample_ids)
@@ -99,11 +113,28 @@ def check_sample_ids(sample_ids, batch: int) -> list[int] | None:
     return [check_int("sample_ids[i]", i, 0, SAMPLE_ID_MAX) for i in ids]
 
 
-def check_latents(latents) -> torch.Tensor:
+def check_tensor(latents, name: str = "latents") -> torch.Tensor:
+    """A dense tensor of ``LATENT_DTYPES`` with values (not on the meta device); its shape is not checked."""
     if not isinstance(latents, torch.Tensor):
-        raise TypeError(f"latents must be a torch.Tensor of shape [B, ...], got {type(latents).__name__}")
-    if not latents.is_floating_point():
-        raise TypeError(f"latents must have a floating dtype (float16/bfloat16/float32/float64), got {latents.dtype}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, ...], got {type(latents).__name__}")
+    if latents.is_nested:
+        raise TypeError(f"{name} must be a dense tensor (layout torch.strided), got a nested tensor")
+    if latents.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor (layout torch.strided), got layout {latents.layout} "
+                        f"(.to_dense() converts it)")
+    if latents.dtype not in LATENT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {latents.dtype}")
+    if latents.device.type == "meta":
+        raise ValueError(f"{name} are on the meta device, which holds no values; selection needs a tensor with "
+                         f"values (cpu, cuda, ...)")
+    return latents
+
+
+def check_latents(latents) -> torch.Tensor:
+    """``latents [B, ...]`` that selection can score: see ``check_tensor``, at least one sample of at
+    least one element, at most ``MAX_ELEMENTS_PER_SAMPLE`` per sample, finite, every ``|value|`` at
+    most ``LATENT_ABS_MAX``."""
+    check_tensor(latents)
     if latents.dim() < 2:
         raise ValueError(f"latents must have at least 2 dims [B, ...], got shape {tuple(latents.shape)}")
     if latents.shape[0] < 1:
@@ -113,11 +144,15 @@ def check_latents(latents) -> torch.Tensor:
         raise ValueError(f"latents must have at least one element per sample, got shape {tuple(latents.shape)}")
     if numel > MAX_ELEMENTS_PER_SAMPLE:
         raise ValueError(f"latents may have at most {MAX_ELEMENTS_PER_SAMPLE} elements per sample, got {numel}")
-    # One min/max pass: NaN propagates through both, and an Inf is the min or the max. (An fp64
-    # sum did the same 20x slower: 23 ms at [16, 262144] on one CPU core.)
-    lo, hi = torch.aminmax(latents.detach())
-    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+    # One min/max pass: NaN propagates through both, an Inf is the min or the max, and so is the
+    # largest magnitude. (An fp64 sum did the same 20x slower: 23 ms at [16, 262144] on one CPU core.)
+    lo, hi = torch.stack(torch.aminmax(latents.detach())).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("latents contain NaN or Inf; immiscible selection needs finite latents")
+    biggest = max(-lo, hi)
+    if biggest > LATENT_ABS_MAX:
+        raise ValueError(f"latents must have every |value| <= {LATENT_ABS_MAX:g} (immiscible.LATENT_ABS_MAX = 2**47, "
+                         f"the largest at which fp32 scoring holds |x|^2), got a value of magnitude {biggest:.9g}")
     return latents
 
 

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import checks
+
 #: ``project(flat)``: fp32 ``[n, D]`` -> ``[n, P]``, the space candidates are ranked in.
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,6 +43,16 @@ def pooling(sample_shape, size: int | None) -> Projection | None:
 
 def coarse_pool(latents: torch.Tensor, size: int) -> torch.Tensor:
     """``latents [B, ..., H, W]`` average-pooled to ``size x size`` as fp32 ``[B, P]``: the space that
-    ``select_noise(..., coarse=size)`` ranks in (for statistics of other noise in that space)."""
+    ``select_noise(..., coarse=size)`` ranks in (for statistics of other noise in that space).
+
+    ``latents`` as ``select_noise`` takes them (dense, ``LATENT_DTYPES``; values are not checked);
+    ``size`` in ``[1, min(H, W)]``. Anything else raises ``TypeError``/``ValueError`` naming it.
+    """
+    checks.check_tensor(latents)
+    if latents.dim() < 3:
+        raise ValueError(f"coarse_pool needs latents [B, ..., H, W] with two spatial dimensions, "
+                         f"got shape {tuple(latents.shape)}")
+    height, width = latents.shape[-2:]
+    checks.check_int("size", size, 1, min(height, width), f" (N x N pooling of a {height} x {width} latent)")
     flat = latents.detach().reshape(latents.shape[0], -1).to(torch.float32)
     return pooled(flat, latents.shape[1:], size)

@@ -20,6 +20,8 @@ from .seeding import draw_seed
 
 logger = logging.getLogger(__name__)
 
+CHUNK_BYTES_MAX = 2**63 - 1
+
 
 @dataclass
 class SelectionInfo:
@@ -111,7 +113,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     backend that failed at run time in this process resolves to ``"torch"`` (see ``select_noise``).
     """
     checks.check_backend(backend)
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        exc = ValueError if isinstance(device, str) else TypeError
+        raise exc(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}") from None
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_usable(device)[0] else "torch"
     elif backend == "triton":
@@ -167,7 +173,10 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
     Parameters
     ----------
     latents : Tensor, shape (B, ...)
-        Any float dtype, any device. Not modified.
+        Dense (any strides, ``channels_last`` included), on any device with values, of a dtype in
+        ``LATENT_DTYPES`` (float16, bfloat16, float32, float64), finite, every ``|value|`` at most
+        ``LATENT_ABS_MAX`` (2**47). Anything else raises ``TypeError``/``ValueError`` naming
+        ``latents``. Not modified.
     k : int
         Candidates per sample, in [1, 65536]. ``k == 1`` is plain Gaussian noise (knn) or the
         v1 batch permutation (assign).
@@ -183,8 +192,8 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
     return_info : bool
         Also return a :class:`SelectionInfo`.
     chunk_bytes : int, optional
-        Size of one candidate buffer (default: at most 8 MiB and an eighth of one sample's
-        candidates; at least one generator group). The result does not depend on it.
+        Size of one candidate buffer in bytes, at least 1 (default: at most 8 MiB and an eighth of
+        one sample's candidates; at least one generator group). The result does not depend on it.
     sample_ids : sequence of int or 1-D int tensor, optional
         One id in [0, 2**32) per sample; a knn sample's candidates are keyed by its id, so the
         same (seed, id, latent) gives the same noise at any batch position or batch size.
@@ -203,6 +212,9 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
     """
     k, seed, ids = _check_common(latents, k, seed, mode, metric, sample_ids)
     coarse = checks.check_coarse(coarse, latents.shape)
+    checks.check_flag("return_info", return_info)
+    if chunk_bytes is not None:
+        chunk_bytes = checks.check_int("chunk_bytes", chunk_bytes, 1, CHUNK_BYTES_MAX, " (bytes of one candidate buffer)")
     project = pooling(latents.shape[1:], coarse)
     resolved = resolve_backend(backend, latents.device)
     if seed is None:
