@@ -100,6 +100,50 @@ def structured_latent(batch: int, channels: int, h: int, w: int, frames: int | N
 
 # --------------------------------------------------------------------------- the server
 
+#: A test-only node pack (written into the server's temporary custom_nodes, never shipped):
+#: ``ImmiscibleTestLatent`` builds any LATENT dict a third-party node could hand over (shape,
+#: batch_index, noise_mask), and ``ImmiscibleTestNoise`` calls ``noise.generate_noise(latent)``
+#: exactly as SamplerCustomAdvanced does, without a model, and returns the noise as a LATENT.
+TEST_NODES = """
+import json
+
+import torch
+
+
+class ImmiscibleTestLatent:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "make", ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"spec": ("STRING", {"default": "{}"})}}
+
+    def make(self, spec):
+        spec = json.loads(spec)
+        gen = torch.Generator().manual_seed(spec.get("seed", 0))
+        out = {"samples": torch.randn(spec["shape"], generator=gen) * spec.get("scale", 4.0) + 1.0}
+        if spec.get("nan"):
+            out["samples"].view(-1)[0] = float("nan")
+        if "batch_index" in spec:
+            out["batch_index"] = spec["batch_index"]
+        if "noise_mask" in spec:
+            out["noise_mask"] = torch.ones(spec["noise_mask"])
+        return (out,)
+
+
+class ImmiscibleTestNoise:
+    CATEGORY, FUNCTION, RETURN_TYPES = "testing", "run", ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"noise": ("NOISE",), "latent": ("LATENT",)}}
+
+    def run(self, noise, latent):
+        return ({"samples": noise.generate_noise(latent)},)
+
+
+NODE_CLASS_MAPPINGS = {"ImmiscibleTestLatent": ImmiscibleTestLatent, "ImmiscibleTestNoise": ImmiscibleTestNoise}
+"""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -115,15 +159,16 @@ class Comfy:
         with urllib.request.urlopen(self.url + path, timeout=60) as r:
             return r.read()
 
-    def run(self, graph: dict) -> dict:
-        """Queue an API-format graph and wait; returns the prompt's outputs from /history."""
+    def submit(self, graph: dict) -> tuple[str, object]:
+        """Queue an API-format graph and wait: ``("ok", outputs)``, ``("refused", the /prompt answer)``
+        when validation refused it, or ``("failed", the execution_error message)``."""
         body = json.dumps({"prompt": graph, "client_id": uuid.uuid4().hex}).encode()
         req = urllib.request.Request(self.url + "/prompt", body, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 prompt_id = json.loads(r.read())["prompt_id"]
         except urllib.error.HTTPError as exc:
-            raise AssertionError(f"/prompt refused the graph: {exc.read().decode()[:4000]}") from exc
+            return "refused", json.loads(exc.read().decode())
         deadline = time.time() + RUN_TIMEOUT
         while time.time() < deadline:
             hist = json.loads(self.get(f"/history/{prompt_id}"))
@@ -131,10 +176,29 @@ class Comfy:
                 entry = hist[prompt_id]
                 status = entry.get("status", {})
                 if status.get("status_str") == "error" or not status.get("completed", True):
-                    raise AssertionError(f"prompt failed: {json.dumps(status.get('messages'))[:4000]}\n{self.log()}")
-                return entry["outputs"]
+                    errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+                    return "failed", errors[0] if errors else status
+                return "ok", entry["outputs"]
             time.sleep(0.25)
         raise AssertionError(f"prompt {prompt_id} did not finish in {RUN_TIMEOUT} s\n{self.log()}")
+
+    def run(self, graph: dict) -> dict:
+        """Queue an API-format graph and wait; returns the prompt's outputs from /history."""
+        kind, result = self.submit(graph)
+        if kind == "refused":
+            raise AssertionError(f"/prompt refused the graph: {json.dumps(result)[:4000]}")
+        if kind == "failed":
+            raise AssertionError(f"prompt failed: {json.dumps(result)[:4000]}\n{self.log()}")
+        return result
+
+    def refusal(self, graph: dict) -> tuple[str, str]:
+        """How a graph that must fail fails: ``("refused", the validation errors as text)`` at /prompt,
+        or ``("failed", the exception message)`` when it ran; asserts that it did not succeed."""
+        kind, result = self.submit(graph)
+        assert kind != "ok", "the graph was expected to fail, and it ran"
+        if kind == "refused":
+            return kind, json.dumps(result.get("node_errors", result))
+        return kind, f"{result.get('node_type')}: {result.get('exception_type')}: {result.get('exception_message')}"
 
     def view(self, image: dict) -> bytes:
         query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
@@ -160,6 +224,8 @@ def comfy(tmp_path_factory):
     for d in ("input", "output", "temp", "user", "frontend", "custom_nodes", "models/checkpoints"):
         (root / d).mkdir(parents=True)
     (root / "custom_nodes" / "immiscible_diffusion").symlink_to(REPO, target_is_directory=True)
+    (root / "custom_nodes" / "immiscible_test_nodes").mkdir()
+    (root / "custom_nodes" / "immiscible_test_nodes" / "__init__.py").write_text(TEST_NODES)
     ckpt = _checkpoint()
     if ckpt is not None:
         (root / "models/checkpoints" / ckpt.name).symlink_to(ckpt)
@@ -356,6 +422,148 @@ def test_sampling_with_immiscible_noise(comfy):
     assert diff > 1e-3, "k=16 immiscible noise gave the same result as RandomNoise"
     # all-zero latent: Immiscible Noise falls back to exactly RandomNoise's noise
     np.testing.assert_array_equal(results["imm_empty"], results["rand_empty"])
+
+
+# --------------------------------------------------------------------------- hostile inputs over HTTP
+
+
+def _test_latent(**spec) -> dict:
+    return {"src": {"class_type": "ImmiscibleTestLatent", "inputs": {"spec": json.dumps(spec)}}}
+
+
+def _node_graph(node: str, src: dict, **inputs) -> dict:
+    """``src`` (nodes, the LATENT from ``"src"``) into Immiscible Noise Preview, or into Immiscible Noise
+    whose ``generate_noise`` ImmiscibleTestNoise calls as SamplerCustomAdvanced does; the noise is saved."""
+    graph = dict(src)
+    settings = {"seed": 1, "k": 4, "mode": "knn", "metric": "l2", "latent_format": "auto", "coarse": 0}
+    if node == "preview":
+        graph["node"] = {"class_type": "ImmiscibleNoisePreview",
+                         "inputs": {"latent": ["src", 0], "t": 0.5, **settings, **inputs}}
+        noise = ["node", 1]
+    else:
+        graph["node"] = {"class_type": "ImmiscibleNoise", "inputs": {**settings, **inputs}}
+        graph["draw"] = {"class_type": "ImmiscibleTestNoise", "inputs": {"noise": ["node", 0], "latent": ["src", 0]}}
+        noise = ["draw", 0]
+    graph["save"] = {"class_type": "SaveLatent", "inputs": {"samples": noise, "filename_prefix": f"latents/{node}"}}
+    return graph
+
+
+def _masked(shape) -> dict:
+    """A loaded-like latent with a noise_mask, the stock way: SolidMask -> SetLatentNoiseMask."""
+    src = _test_latent(shape=shape)
+    src["raw"] = src.pop("src")
+    src["mask"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
+    src["src"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["raw", 0], "mask": ["mask", 0]}}
+    return src
+
+
+_FORMATS_EXPECT = "sd15 4, sdxl 4, sd3 16, flux 16, wan 16 (5-D video), raw any"
+#: (case, latent source, node inputs, expected outcome for the preview, for Immiscible Noise). An
+#: outcome is "ok" (the noise comes back in the latent's shape, finite) or (how it fails, texts the
+#: message must hold): "refused" by /prompt at queue time, or "failed" when the node ran.
+HOSTILE = [
+    ("k_0", [1, 4, 8, 8], {"k": 0}, ("refused", ['"k"', "smaller than min of 1"]), None),
+    ("k_over_K_MAX", [1, 4, 8, 8], {"k": 65537}, ("refused", ['"k"', "bigger than max of 65536"]), None),
+    ("k_K_MAX", [2, 4, 8, 8], {"k": 65536}, "ok", None),
+    ("coarse_bigger_than_latent", [1, 4, 8, 8], {"coarse": 9}, ("failed", ["coarse must be in [0, 8]"]), None),
+    ("coarse_over_COARSE_MAX", [1, 4, 8, 8], {"coarse": 1025}, ("refused", ['"coarse"', "bigger than max"]), None),
+    ("empty_batch", [0, 4, 8, 8], {}, ("failed", ["latent is empty", "(0, 4, 8, 8)"]), None),
+    ("video_5d", [1, 16, 3, 8, 8], {}, "ok", None),
+    ("video_5d_coarse", [2, 16, 3, 8, 8], {"coarse": 4}, "ok", None),
+    ("noise_mask", "masked", {}, "ok", None),
+    ("batch_index_longer", {"shape": [2, 4, 8, 8], "batch_index": [0, 1, 2]}, {},
+     ("failed", ["latent['batch_index'] has 3 entries for a batch of 2"]), None),
+    ("batch_index_shorter", {"shape": [2, 4, 8, 8], "batch_index": [5]}, {},
+     ("failed", ["latent['batch_index'] has 1 entries for a batch of 2"]), None),
+    ("seed_over_max", [1, 4, 8, 8], {"seed": 2**64}, ("refused", ['"seed"', "bigger than max"]), None),
+    ("seed_negative", [1, 4, 8, 8], {"seed": -1}, ("refused", ['"seed"', "smaller than min of 0"]), None),
+    ("mode_unknown", [1, 4, 8, 8], {"mode": "nope"}, ("refused", ["mode must be one of 'knn', 'assign', got 'nope'"]),
+     None),
+    ("metric_unknown", [1, 4, 8, 8], {"metric": "l1"}, ("refused", ["metric must be one of 'l2', 'cosine', got 'l1'"]),
+     None),
+    ("latent_format_unknown", [1, 4, 8, 8], {"latent_format": "sd9"},
+     ("refused", ["latent_format must be one of 'auto', 'sd15', 'sdxl', 'sd3', 'flux', 'wan', 'raw', got 'sd9'"]),
+     None),
+    ("sd15_on_16_channels", [1, 16, 8, 8], {"latent_format": "sd15"},
+     ("failed", ["latent_format 'sd15' expects 4-channel latents, but the latent has 16 channels", _FORMATS_EXPECT]),
+     None),
+    ("flux_on_4_channels", [2, 4, 8, 8], {"latent_format": "flux"},
+     ("failed", ["latent_format 'flux' expects 16-channel latents, but the latent has 4 channels", _FORMATS_EXPECT]),
+     None),
+    ("wan_on_4d", [1, 16, 8, 8], {"latent_format": "wan"},
+     ("failed", ["latent_format 'wan' expects 5-D video latents [B, C, T, H, W]", "(1, 16, 8, 8)"]), None),
+    ("latent_3d", [2, 4, 16], {}, ("failed", ["the preview shows image latents", "(2, 4, 16)"]), "ok"),
+    ("latent_nan", {"shape": [1, 4, 8, 8], "nan": True}, {}, ("failed", ["NaN or Inf"]), None),
+    ("assign_cost_too_big", [64, 4, 2, 2], {"mode": "assign", "k": 65536},
+     ("failed", ["batch size 64 and k=65536", "batch**2 * k must be at most", "mode='knn'"]), None),
+    ("t_nan", [1, 4, 8, 8], {"t": float("nan")}, ("failed", ["t (noise level) must be a number in [0, 1], got nan"]),
+     "skip"),
+]
+
+
+@pytest.mark.parametrize("node", ["preview", "noise"])
+@pytest.mark.parametrize("case, latent, inputs, preview_expect, noise_expect", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_input(comfy, node, case, latent, inputs, preview_expect, noise_expect):
+    """Each input a user can send either works or fails naming the input, and the server answers the next prompt."""
+    expect = preview_expect if node == "preview" or noise_expect is None else noise_expect
+    if expect == "skip":
+        pytest.skip(f"{case} is a preview input")
+    spec = latent if isinstance(latent, dict) else {"shape": [2, 4, 8, 8] if latent == "masked" else latent}
+    src = _masked(spec["shape"]) if latent == "masked" else _test_latent(**spec)
+    graph = _node_graph(node, src, **inputs)
+    if expect == "ok":
+        outputs = comfy.run(graph)
+        noise = read_latent(comfy.output_file(outputs["save"]["latents"][0]))
+        assert list(noise.shape) == spec["shape"] and np.isfinite(noise).all()
+        print(f"{node} {case}: ok, noise {noise.shape}")
+    else:
+        kind, text = comfy.refusal(graph)
+        print(f"{node} {case}: {kind}: {text[:600]}")
+        assert kind == expect[0], text
+        for part in expect[1]:
+            assert part in text, f"{part!r} not in {text}"
+    # the server still answers
+    outputs = comfy.run(_node_graph(node, _test_latent(shape=[1, 4, 8, 8])))
+    assert outputs["save"]["latents"]
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_bad_choice_is_refused_before_the_checkpoint_loads(comfy, with_model):
+    """A bad dropdown value on Immiscible Noise is refused when queued: without a model it failed inside
+    SamplerCustomAdvanced after the checkpoint loaded, and with one it was silently ignored."""
+    if comfy.checkpoint is None:
+        pytest.skip("no random SD1.5 checkpoint (set IMMISCIBLE_CKPT or run scripts/setup_integration.sh)")
+    noise = {"class_type": "ImmiscibleNoise", "inputs": {"seed": 1, "k": 4, "mode": "knn", "metric": "l2",
+                                                         "latent_format": "sd9"}}
+    if with_model:
+        noise["inputs"]["model"] = ["ckpt", 0]
+    write_latent(comfy.root / "input" / "refused.latent", structured_latent(1, 4, 8, 8, seed=3, scale=1 / 0.18215))
+    loaded = {"class_type": "LoadLatent", "inputs": {"latent": "refused.latent"}}
+    kind, text = comfy.refusal(_sampling_graph(loaded, noise, "refused", comfy.checkpoint.name))
+    print(f"sampling graph with latent_format='sd9' (model connected: {with_model}): {kind}: {text[:600]}")
+    assert kind == "refused" and "latent_format must be one of 'auto', 'sd15'" in text and "got 'sd9'" in text
+
+
+def test_fallback_latent_formats_match_comfyui():
+    """The channel counts and affine constants the nodes use without ComfyUI are ComfyUI's own."""
+    from comfy_nodes import noise as cn
+
+    code = ("import json, comfy.latent_formats as lf\n"
+            "out = {}\n"
+            "for name, cls in json.loads(__import__('sys').argv[1]).items():\n"
+            "    c = getattr(lf, cls); f = c()\n"
+            "    out[name] = [getattr(f, 'scale_factor', None), getattr(f, 'shift_factor', None), c.latent_channels,\n"
+            "                 c.latent_dimensions]\n"
+            "print(json.dumps(out))\n")
+    res = subprocess.run([PYTHON, "-c", code, json.dumps(cn._COMFY_FORMAT_CLASSES)], cwd=COMFYUI_DIR,
+                         capture_output=True, text=True, check=True)
+    real = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, (scale, shift, channels, dims) in cn._AFFINE_FALLBACK.items():
+        r_scale, r_shift, r_channels, r_dims = real[name]
+        assert (channels, dims) == ((None if name == "raw" else r_channels), r_dims), name
+        if name != "wan":  # Wan21's process_in is per-channel (mean, std), not affine
+            assert (scale, shift) == pytest.approx((r_scale, r_shift or 0.0)), name
+    assert cn.format_expectations().startswith(f"channels per latent_format: {_FORMATS_EXPECT}")
 
 
 # --------------------------------------------------------------------------- example_workflows/ (UI format)
