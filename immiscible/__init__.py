@@ -6,9 +6,9 @@
 >>> noise.shape
 torch.Size([2, 4, 8, 8])
 """
-from .checks import (BACKENDS, COARSE_MAX, K_MAX, K_MIN, LATENT_ABS_MAX, LATENT_DTYPES, METRICS, MODES, SAMPLE_ID_MAX,
-                     check_backend, check_choice, check_coarse, check_flag, check_int, check_k, check_latents,
-                     check_metric, check_mode, check_seed)
+from .checks import (BACKENDS, COARSE_MAX, K_MAX, K_MIN, LATENT_ABS_MAX, LATENT_ABS_MIN, LATENT_DTYPES, METRICS, MODES,
+                     SAMPLE_ID_MAX, check_backend, check_choice, check_coarse, check_flag, check_int, check_k,
+                     check_latents, check_metric, check_mode, check_seed)
 from .coarse import coarse_pool
 from .seeding import derive_seed, draw_seed
 from .select import SelectionInfo, candidates, disabled_backends, reset_fallback, resolve_backend, select_noise
@@ -20,6 +20,7 @@ __all__ = [
     "derive_seed", "draw_seed", "coarse_pool",
     # vocabulary: the choices and ranges every adapter offers, and their checks
     "MODES", "METRICS", "BACKENDS", "K_MIN", "K_MAX", "SAMPLE_ID_MAX", "COARSE_MAX", "LATENT_DTYPES", "LATENT_ABS_MAX",
+    "LATENT_ABS_MIN",
     "check_k", "check_mode", "check_metric", "check_backend", "check_choice", "check_int", "check_flag", "check_seed",
     "check_coarse", "check_latents",
     "__version__",

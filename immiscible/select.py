@@ -175,7 +175,8 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
     latents : Tensor, shape (B, ...)
         Dense (any strides, ``channels_last`` included), on any device with values, of a dtype in
         ``LATENT_DTYPES`` (float16, bfloat16, float32, float64), finite, every ``|value|`` at most
-        ``LATENT_ABS_MAX`` (2**47). Anything else raises ``TypeError``/``ValueError`` naming
+        ``LATENT_ABS_MAX`` (2**47), each sample all zeros or with a ``|value|`` of at least
+        ``LATENT_ABS_MIN`` (2**-63). Anything else raises ``TypeError``/``ValueError`` naming
         ``latents``. Not modified.
     k : int
         Candidates per sample, in [1, 65536]. ``k == 1`` is plain Gaussian noise (knn) or the

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 import immiscible
-from immiscible import LATENT_ABS_MAX, LATENT_DTYPES
+from immiscible import LATENT_ABS_MAX, LATENT_ABS_MIN, LATENT_DTYPES
 
 BACKENDS = ["torch", "triton"]  # triton runs under TRITON_INTERPRET=1 on the CPU (see conftest)
 
@@ -149,6 +149,56 @@ def test_the_largest_magnitude_is_accepted_and_the_next_value_refused():
     latents[0, 0] = _just_above(LATENT_ABS_MAX, torch.float32)
     with pytest.raises(ValueError, match=r"got a value of magnitude 1\.40737505e\+14"):
         immiscible.select_noise(latents, 4, seed=0)
+
+
+# --------------------------------------------------------------------------- tiny latents
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_the_smallest_magnitude_is_selected_exactly_with_true_cosines(backend, metric):
+    # A sample whose largest |value| is LATENT_ABS_MIN = 2**-63 still has |x|^2 >= 2**-126, a normal fp32.
+    latents = torch.cat([_scaled((1, 2, 4, 4), 3.0, seed=6), _scaled((1, 2, 4, 4), LATENT_ABS_MIN, seed=7),
+                         _scaled((1, 2, 4, 4), LATENT_ABS_MIN, seed=8)])
+    latents = latents.to(_device(backend))
+    _, info = immiscible.select_noise(latents, 8, seed=2, metric=metric, backend=backend, return_info=True)
+    cands = immiscible.candidates(latents, 8, seed=2, backend=backend)
+    x, c = latents.double().flatten(1)[:, None], cands.double().flatten(2)
+    assert torch.equal(info.index, _rank64(x, c, metric).argmin(1))
+    cos = (c * x).sum(-1) / (c.norm(dim=-1) * x.norm(dim=-1))
+    torch.testing.assert_close(info.cosines.double(), cos, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,value", [(torch.float32, "just_below"), (torch.float64, "just_below"),
+                                         (torch.float32, 1e-25), (torch.float32, 1e-44), (torch.float64, 1e-300)])
+def test_a_sample_below_the_smallest_magnitude_is_refused(backend, dtype, value):
+    # Below it the sample's |x|^2 underflows fp32: cosines of 2e6 were reported (1e-25), and float64
+    # latents under fp32's range became zeros, so cosine selection gave every sample candidate 0.
+    if value == "just_below":
+        value = torch.tensor(LATENT_ABS_MIN, dtype=dtype).nextafter(torch.tensor(0.0, dtype=dtype)).item()
+    latents = torch.randn(3, 2, 4, 4, dtype=dtype, device=_device(backend))
+    latents[1] = 0.0
+    latents[1, 1, 2, 2] = -value
+    match = (r"latents\[1\] has no \|value\| above .* must be all zeros or have a value of magnitude at least "
+             r"1\.0842e-19 \(immiscible\.LATENT_ABS_MIN = 2\*\*-63")
+    for kwargs in ({}, {"mode": "assign"}, {"metric": "cosine"}, {"coarse": 2}):
+        with pytest.raises(ValueError, match=match):
+            immiscible.select_noise(latents, 4, seed=0, backend=backend, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        immiscible.candidates(latents, 4, seed=0, backend=backend)
+
+
+def test_an_all_zero_sample_is_accepted():
+    # Every candidate is equally far in angle (cosine 0): the lowest index, as argmin breaks ties; l2
+    # picks the shortest candidate, exactly.
+    latents = torch.zeros(2, 2, 4, 4)
+    latents[0] = torch.randn(2, 4, 4)
+    _, info = immiscible.select_noise(latents, 8, seed=1, metric="cosine", return_info=True)
+    assert info.index[1] == 0 and torch.equal(info.cosines[1], torch.zeros(8))
+    _, info = immiscible.select_noise(latents, 8, seed=1, return_info=True)
+    norms = immiscible.candidates(latents, 8, seed=1)[1].double().flatten(1).square().sum(1)
+    assert info.index[1] == norms.argmin()
 
 
 # --------------------------------------------------------------------------- NaN / Inf
