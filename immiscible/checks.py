@@ -194,6 +194,8 @@ def check_coarse(coarse, shape, name: str = "coarse") -> int | None:
     coarse = int(coarse)
     if coarse == 0:
         return None
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(isinstance(n, numbers.Integral) for n in shape):
+        raise TypeError(f"shape must be the latents' shape, a sequence of ints [B, ..., H, W], got {shape!r}")
     if not 0 < coarse <= COARSE_MAX:
         raise ValueError(f"{name} must be 0 (off) or an integer N in [1, {COARSE_MAX}] (pool to N x N), got {coarse}")
     if len(shape) < 3:

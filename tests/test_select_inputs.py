@@ -382,3 +382,10 @@ def test_coarse_pool_is_adaptive_average_pooling():
 def test_coarse_pool_rejects_bad_input_with_a_clear_message(latents, size, exc, match):
     with pytest.raises(exc, match=match):
         immiscible.coarse_pool(latents, size)
+
+
+@pytest.mark.parametrize("shape", [None, 8, "2, 4, 8, 8", (2, 4, 8.0, 8)])
+def test_check_coarse_names_a_bad_shape(shape):
+    with pytest.raises(TypeError, match=r"shape must be the latents' shape, a sequence of ints \[B, ..., H, W\]"):
+        immiscible.check_coarse(2, shape)
+    assert immiscible.check_coarse(0, shape) is None  # off needs no shape
