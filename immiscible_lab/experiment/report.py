@@ -80,28 +80,6 @@ def _metric_label(metric: str) -> str:
     return metric.replace("quality@", "") + "-step" if metric.startswith("quality@") else metric
 
 
-def robust_lines(robust: list[dict]) -> list[str]:
-    """Bullets of the robust findings first, then the dependencies; one line each."""
-    lines = []
-    for cls, head in (("robust-better", "Robustly better"), ("robust-worse", "Robustly worse")):
-        sel = [r for r in robust if r["class"] == cls]
-        for r in sorted(sel, key=lambda r: (r["family"], r["objective"], r["arm"], _metric_lead(r["metric"]))):
-            lines.append(f"- **{head}**: {r['family']} / {r['objective']} / {_metric_label(r['metric'])}: "
-                         f"**{r['arm']}** (median {_pct(r['rel_median'])}, range {_pct(r['rel_min'])} to "
-                         f"{_pct(r['rel_max'])} over {r['cells']} cells"
-                         + (f", {r['excluded']} left out" if r.get("excluded") else "")
-                         + f"; pooled paired t over {r['units']} "
-                         f"trained pairs, BH-adjusted p = {_p(r['p_bh'])})")
-    if not lines:
-        lines.append("- **No robust finding**: no (data, objective, sampler steps, arm) kept one sign in every cell "
-                     "with a significant pooled paired test.")
-    dep = [r for r in robust if r["class"] == "depends"]
-    for r in sorted(dep, key=lambda r: (r["family"], r["objective"], r["arm"], _metric_lead(r["metric"]))):
-        lines.append(f"- Depends: {r['family']} / {r['objective']} / {_metric_label(r['metric'])}: {r['arm']} "
-                     f"{r['label']} (range {_pct(r['rel_min'])} to {_pct(r['rel_max'])})")
-    return lines
-
-
 def _metric_lead(metric: str) -> tuple:
     return (metric == "straightness", int(metric.split("@")[1]) if "@" in metric else 0)
 
@@ -491,5 +469,5 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-__all__ = ["FAMILY", "expected_files", "findings_table", "read_report_md", "redraw", "render_markdown", "robust_lines",
+__all__ = ["FAMILY", "expected_files", "findings_table", "read_report_md", "redraw", "render_markdown",
            "summary_lines", "write_report"]
