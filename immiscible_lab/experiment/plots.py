@@ -274,7 +274,7 @@ def plot_summary(rows: list[dict], out_dir: str, name: str = "summary.png", titl
     color = {s: palette[i % len(palette)] for i, s in enumerate(series)}
     per_arm = max(1.0, 0.4 * len(series))
     panel_h = 0.7 + per_arm * len(arms) * 0.36
-    fig, axes = plt.subplots(len(steps), len(objectives), figsize=(5.2 * len(objectives) + 1.6,
+    fig, axes = plt.subplots(len(steps), len(objectives), figsize=(max(8.5, 5.2 * len(objectives) + 1.6),
                                                                    panel_h * len(steps) + 1.4),
                              squeeze=False, sharey=True, layout="constrained")
     lo, hi = _SUMMARY_RANGE
@@ -320,8 +320,8 @@ def plot_summary(rows: list[dict], out_dir: str, name: str = "summary.png", titl
                 Line2D([], [], color="0.3", marker="D", mfc="white", mew=1.8, ls="none", ms=7,
                        label="depends on an axis")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=10, frameon=False)
-    fig.suptitle(title or "Change of sample distance against vanilla (marker: median over cells; line: range "
-                          "over cells; filled: robust)", fontsize=12)
+    fig.suptitle(title or "Change of the sample distance against vanilla\nmarker: median over cells · line: range "
+                          "over cells · filled: robust", fontsize=12)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
