@@ -46,6 +46,23 @@ def fake_adapter(points=(), script: str | None = None, **fields):
 # behaviour both adapters share once per host; tests/test_kohya_patch.py and
 # tests/test_musubi_patch.py keep what only one host has.
 
+
+# (this section's imports: the functions above import lazily)
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import torch  # noqa: E402
+
+import immiscible  # noqa: E402
+from immiscible_host import randn_like as _randn_like  # noqa: E402
+from immiscible_host.ranks import seed_from_draw  # noqa: E402
+from kohya_patch.host import ADAPTER as KOHYA_ADAPTER  # noqa: E402
+from musubi_patch.host import ADAPTER as MUSUBI_ADAPTER  # noqa: E402
+
 FAKE_ACCELERATE = '''
 class Tracker:
     def __init__(self):
@@ -252,8 +269,6 @@ class DDPMScheduler:
     """``add_noise`` of a DDPM schedule (stand-in for diffusers' DDPMScheduler)."""
 
     def __init__(self):
-        import torch
-
         self.alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
 
     def add_noise(self, x, noise, t):
@@ -265,11 +280,6 @@ def selected_noise(latents, k, seed, rank=None, **kw):
     """What selection returns for ``latents`` when the host's own draw follows ``torch.manual_seed(seed)``:
     the host draws its stock noise first and the selection is seeded from that draw (with ``rank``
     mixed in under multi-process training), so it consumes none of the host's random numbers."""
-    import torch
-
-    import immiscible
-    from immiscible_host.ranks import seed_from_draw
-
     torch.manual_seed(seed)
     seed = seed_from_draw(torch.randn_like(latents))
     if rank is not None:
@@ -311,15 +321,11 @@ class FakeHost:
         return self.adapter.runtime
 
     def purge(self) -> None:
-        import sys
-
         for name in [m for m in sys.modules if m.split(".")[0] in self.packages]:
             del sys.modules[name]
 
     def build(self, files=None, script=None):
         """Write the fake (``files``: path -> text replacing the default), import it through the hook."""
-        import importlib
-
         for rel, text in {**self.files, **(files or {})}.items():
             path = self.tmp_path / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,8 +344,6 @@ class FakeHost:
 
     def parse(self, *argv):
         """The trainer's ``main()``: its parser, ``parse_args``, then ``read_config_from_file`` (start-up)."""
-        import sys
-
         self.monkeypatch.setattr(sys, "argv", [self.adapter.script or self.script, *argv])
         parser = self.parser()
         return self.read_config(parser.parse_args(), parser)
@@ -379,22 +383,13 @@ class SdScripts(FakeHost):
     metadata_drift = ("library/train_util.py", SD_TRAIN_UTIL.replace("def get_sai_model_spec(state_dict, args,",
                                                                      "def get_sai_model_spec(state_dict, arguments,"))
     base_metadata = {"modelspec.architecture": "fake"}
-
-    @property
-    def adapter(self):
-        from kohya_patch.host import ADAPTER
-
-        return ADAPTER
+    adapter = KOHYA_ADAPTER
 
     @property
     def latents(self):
-        import torch
-
         return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(123))
 
     def parser(self):
-        import argparse
-
         parser = argparse.ArgumentParser()
         self.mods["train_util"].add_training_arguments(parser, True)
         return parser
@@ -404,17 +399,11 @@ class SdScripts(FakeHost):
 
     def noise_call(self, args, latents, seed=0, fn=None):
         """``get_noise_noisy_latents_and_timesteps`` after seeding torch and ``random``: (noise, noisy, timesteps)."""
-        import random
-
-        import torch
-
         torch.manual_seed(seed)
         random.seed(seed)
         return (fn or self.mods["train_util"].get_noise_noisy_latents_and_timesteps)(args, DDPMScheduler(), latents)
 
     def step(self, args, latents=None, seed=0, acc=None):
-        import torch
-
         latents = self.latents if latents is None else latents
         acc = acc or self.accelerator()
         noise = self.noise_call(args, latents, seed)[0]
@@ -422,10 +411,6 @@ class SdScripts(FakeHost):
         return latents, noise
 
     def stock(self, args, latents=None, seed=0):
-        import random
-
-        import torch
-
         latents = self.latents if latents is None else latents
         fn = self.mods["train_util"].get_noise_noisy_latents_and_timesteps.__wrapped__
         noise = self.noise_call(args, latents, seed, fn)[0]
@@ -461,17 +446,10 @@ class MusubiTuner(FakeHost):
                       MUSUBI_SAI.replace("(state_dict, architecture,", "(state_dict, arch,").replace(": architecture}",
                                                                                                  ": arch}"))
     base_metadata = {"modelspec.architecture": "wan"}
-
-    @property
-    def adapter(self):
-        from musubi_patch.host import ADAPTER
-
-        return ADAPTER
+    adapter = MUSUBI_ADAPTER
 
     @property
     def latents(self):
-        import torch
-
         return torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(5))  # [B, C, F, H, W]
 
     def parser(self):
@@ -483,8 +461,6 @@ class MusubiTuner(FakeHost):
     def loop(self, args, batches, seed=0, acc=None, trainer_base=None):
         """``NetworkTrainer._run_training_loop`` over ``batches`` after ``torch.manual_seed(seed)``:
         per batch ``(latents, noise, model_input, target)``."""
-        import torch
-
         torch.manual_seed(seed)
         trainer = (trainer_base or self.mods["trainer_base"]).NetworkTrainer()
         return trainer._run_training_loop(args, batches, acc or self.accelerator())
@@ -496,11 +472,6 @@ class MusubiTuner(FakeHost):
 
     def stock(self, args, latents=None, seed=0):
         """The loop's code run from a copy the adapter does not know (another file name)."""
-        import random
-        import types
-
-        import torch
-
         latents = self.latents if latents is None else latents
         copy = types.ModuleType("stock_trainer_base")
         exec(compile(MUSUBI_TRAINER_BASE, str(self.tmp_path / "stock_trainer_base.py"), "exec"), copy.__dict__)
@@ -518,34 +489,24 @@ class MusubiTuner(FakeHost):
 FAKE_HOSTS = {h.name: h for h in (SdScripts, MusubiTuner)}
 
 
+@contextlib.contextmanager
 def fake_host(name, tmp_path, monkeypatch, **build):
-    """A context manager: host ``name``'s fake built in ``tmp_path`` and imported through its hook;
-    afterwards the hook, the runtime, ``torch.randn_like`` and ``sys.modules`` are as they were."""
-    import contextlib
-    import sys
-
-    import torch
-
-    from immiscible_host import randn_like
-
-    @contextlib.contextmanager
-    def installed():
-        h = FAKE_HOSTS[name](tmp_path, monkeypatch)
-        saved = {m: sys.modules[m] for m in list(sys.modules) if m.split(".")[0] in h.packages}
-        functions = dict(randn_like._functions)
-        original = torch.randn_like
-        monkeypatch.syspath_prepend(str(tmp_path))
-        monkeypatch.setattr(h.adapter, "script", h.adapter.script)
-        try:
-            yield h.build(**build)
-        finally:
-            h.adapter.hook.uninstall()
-            h.runtime.reset()
-            h.runtime.points.clear()
-            torch.randn_like = original
-            randn_like._functions.clear()
-            randn_like._functions.update(functions)
-            h.purge()
-            sys.modules.update(saved)
-
-    return installed()
+    """Host ``name``'s fake built in ``tmp_path`` and imported through its hook; afterwards the
+    hook, the runtime, ``torch.randn_like`` and ``sys.modules`` are as they were."""
+    h = FAKE_HOSTS[name](tmp_path, monkeypatch)
+    saved = {m: sys.modules[m] for m in list(sys.modules) if m.split(".")[0] in h.packages}
+    functions = dict(_randn_like._functions)
+    original = torch.randn_like
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(h.adapter, "script", h.adapter.script)
+    try:
+        yield h.build(**build)
+    finally:
+        h.adapter.hook.uninstall()
+        h.runtime.reset()
+        h.runtime.points.clear()
+        torch.randn_like = original
+        _randn_like._functions.clear()
+        _randn_like._functions.update(functions)
+        h.purge()
+        sys.modules.update(saved)
