@@ -311,6 +311,15 @@ def test_a_first_draw_that_fell_back_stops_the_run(host):
     assert acc.steps == 0 and "install.py --check" not in str(info.value)  # a data problem: no install advice
 
 
+def test_a_coarse_size_the_latents_cannot_take_stops_the_first_step(host):
+    """--immiscible_coarse is checked against the latents' shape at the first draw (not known at start-up)."""
+    args = host.parse("--immiscible_k", "8", "--immiscible_coarse", "64")
+    acc = host.accelerator()
+    with pytest.raises(SelectionNotApplied, match=r"immiscible_coarse must be in \[0, 8\] for latents of shape"):
+        host.step(args, acc=acc)
+    assert acc.steps == 0 and host.runtime.stock_reasons == {"select:ValueError": 1}
+
+
 def test_without_the_guard_selection_is_refused_at_start_up(host, capsys):
     """accelerate's Accelerator.backward gone (or renamed): nothing could stop an unselected run."""
     acc = host.files["accelerate/__init__.py"].replace("def backward(", "def backward_renamed(")
