@@ -448,6 +448,11 @@ def read_report_md(text: str) -> dict:
         c["vanilla_works"] = None if g is None or v is None else v[1] < g
     for r in robust:
         r.setdefault("series", r["family"])
+    # the run's order (data sets and arms as configured), not the classification table's
+    fam_order = list(dict.fromkeys(FAMILY.get(c["dataset"], c["dataset"]) for c in cells))
+    arm_order = list(dict.fromkeys(c["arm"] for c in cells))
+    robust.sort(key=lambda r: (fam_order.index(r["family"]) if r["family"] in fam_order else len(fam_order),
+                               arm_order.index(r["arm"]) if r["arm"] in arm_order else len(arm_order)))
     return {"robustness": robust, "verdicts": cells, "gaussian": gaussian,
             "families": list(dict.fromkeys(FAMILY.get(c["dataset"], c["dataset"]) for c in cells))}
 
