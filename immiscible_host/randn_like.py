@@ -9,8 +9,11 @@ Two ways, so that none of the host's code is re-implemented:
   ``torch.randn_like`` called directly from that function (by file name and function name)
   returns the selection. Every other caller gets the previous function.
 
-Both ask ``runtime.select(latents, point)`` (an :class:`immiscible_host.runtime.Runtime`) and
-fall back to stock noise, counting the batch, when the call has arguments they cannot honour.
+Both let the host's own draw run first, so the host's random streams are exactly stock's at any
+``k`` (common random numbers: timesteps, shuffles and every later draw equal a ``k = 1`` run's),
+then ask ``runtime.select(latents, point, stock=that draw)`` (an
+:class:`immiscible_host.runtime.Runtime`), which seeds the selection from the stock draw, and
+fall back to that stock draw, counting the batch, when the call has arguments they cannot honour.
 """
 from __future__ import annotations
 
@@ -32,17 +35,18 @@ class Slot:
         self.latents, self.point, self.runtime, self.fired = latents, point, runtime, False
 
 
-def selected_like(slot: Slot, input, args, kwargs):
-    """The selected noise for a ``torch.randn_like(input, ...)`` call, or None for stock."""
+def selected_like(slot: Slot, input, args, kwargs, stock):
+    """The noise a ``torch.randn_like(input, ...)`` call returns: the selection, seeded from the
+    ``stock`` draw the host's call has already made, or that stock draw itself."""
     if args or set(kwargs) - {"device", "dtype"}:
         slot.runtime.stock(f"randn_like-args:{slot.point}",
                            "immiscible: %s calls torch.randn_like with arguments %s; using stock noise there",
                            slot.point, sorted(kwargs) or args)
-        return None
-    noise = slot.runtime.select(input, slot.point)
-    if noise is not None and kwargs:
-        noise = noise.to(device=kwargs.get("device") or noise.device, dtype=kwargs.get("dtype") or noise.dtype)
-    return noise
+        return stock
+    noise = slot.runtime.select(input, slot.point, stock=stock)
+    if noise is None:
+        return stock
+    return noise.to(device=stock.device, dtype=stock.dtype)
 
 
 # --------------------------------------------------------------------------- within a block
@@ -53,12 +57,11 @@ _lock = threading.Lock()
 
 def _intercepting_randn_like(input, *args, **kwargs):
     slot = getattr(_armed, "slot", None)
+    stock = _intercepting_randn_like.__immiscible_next__(input, *args, **kwargs)  # the host's stream, as stock
     if slot is not None and not slot.fired and input is slot.latents:
         slot.fired = True
-        noise = selected_like(slot, input, args, kwargs)
-        if noise is not None:
-            return noise
-    return _intercepting_randn_like.__immiscible_next__(input, *args, **kwargs)
+        return selected_like(slot, input, args, kwargs, stock)
+    return stock
 
 
 _intercepting_randn_like.__immiscible_next__ = torch.randn_like
@@ -115,14 +118,13 @@ def _caller_target(frame):
 
 def _function_randn_like(input, *args, **kwargs):
     """Installed by :func:`intercept_in_function`: selects the registered functions' inline draws."""
+    stock = _function_randn_like.__immiscible_next__(input, *args, **kwargs)  # the host's stream, as stock
     if isinstance(input, torch.Tensor) and _functions:
         target = _caller_target(sys._getframe(1))
         if target is not None:
             point, runtime = target
-            noise = selected_like(Slot(input, point, runtime), input, args, kwargs)
-            if noise is not None:
-                return noise
-    return _function_randn_like.__immiscible_next__(input, *args, **kwargs)
+            return selected_like(Slot(input, point, runtime), input, args, kwargs, stock)
+    return stock
 
 
 def intercept_in_function(files, function: str, point: str, runtime) -> None:

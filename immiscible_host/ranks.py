@@ -1,13 +1,16 @@
 """Rank-aware selection seeds.
 
-Trainers seed every accelerate rank alike (sd-scripts' ``--seed``), so a seed drawn from torch's
-default generator is the same on every rank; mixing in the rank gives each rank its own
-candidate pool, while a single process keeps the drawn seed unchanged.
+The selection seed comes from the host's own stock draw (:func:`seed_from_draw`), so selection
+consumes none of the host's random numbers. Trainers seed every accelerate rank alike (sd-scripts'
+``--seed``), so that seed can be the same on every rank; mixing in the rank gives each rank its own
+candidate pool, while a single process keeps the seed unchanged.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import torch
 
 import immiscible
 
@@ -26,14 +29,23 @@ def distributed_rank() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class RankSeed:
-    drawn: int       # drawn from torch's default generator (``--seed`` governs it)
+    drawn: int       # from the host's stock draw (``--seed`` governs it), or drawn from torch's default generator
     seed: int        # what selection uses: ``drawn``, or ``derive_seed(drawn, rank)`` on several ranks
     rank: int
     world_size: int
 
 
-def draw_rank_seed() -> RankSeed:
-    """Draw one selection seed from torch's default generator and mix in this process's rank."""
-    drawn = immiscible.draw_seed()
+def seed_from_draw(stock) -> int:
+    """A 63-bit selection seed that is a function of the host's own draw ``stock`` (its first four
+    values' bits and its size), so that selecting consumes none of the host's random numbers and a
+    run's ``--seed`` still governs it."""
+    head = stock.detach().reshape(-1)[:4].to("cpu", torch.float32).contiguous().view(torch.int32).tolist()
+    return immiscible.derive_seed(stock.numel(), *head)   # derive_seed masks each to 64 bits
+
+
+def draw_rank_seed(stock=None) -> RankSeed:
+    """One selection seed, from the host's stock draw (``stock``; None: drawn from torch's default
+    generator, which consumes it), with this process's rank mixed in."""
+    drawn = immiscible.draw_seed() if stock is None else seed_from_draw(stock)
     rank, world = distributed_rank()
     return RankSeed(drawn, immiscible.derive_seed(drawn, rank) if world > 1 else drawn, rank, world)

@@ -163,11 +163,14 @@ class Runtime:
             frame = frame.f_back
         return False
 
-    def select(self, latents: torch.Tensor, point: str) -> torch.Tensor | None:
+    def select(self, latents: torch.Tensor, point: str, stock: torch.Tensor | None = None) -> torch.Tensor | None:
         """Selected noise for ``latents``, or None for "use stock noise" (off, validation, failure).
 
-        The seed is drawn from torch's default generator (so ``--seed`` governs it) and, under
-        multi-process training, mixed with the process rank so that ranks use different pools.
+        ``stock`` is the host's own draw for this batch, already made: the seed is derived from it
+        (:func:`~immiscible_host.ranks.seed_from_draw`), so the host's random streams stay exactly
+        stock's at any ``k`` and ``--seed`` still governs the selection (None: the seed is drawn
+        from torch's default generator, which consumes it). Under multi-process training the rank
+        is mixed in, so that ranks use different pools.
         """
         s = self.settings
         if s is None or not s.enabled:
@@ -176,7 +179,7 @@ class Runtime:
             return None
         try:
             coarse = self.coarse_for(latents.shape)
-            rs = draw_rank_seed()
+            rs = draw_rank_seed(stock)
             noise, info = immiscible.select_noise(latents, s.k, seed=rs.seed, mode=s.mode, metric=s.metric,
                                                   backend=self.backend or s.backend, return_info=True,
                                                   coarse=coarse)

@@ -164,7 +164,7 @@ def overwriting_noise(original, point: PatchPoint, adapter):
                 runtime.stock(f"shape:{name}", "immiscible: %s got noise %s for latents %s; stock noise used",
                               name, tuple(noise.shape), tuple(latents.shape))
             else:
-                selected = runtime.select(latents, name)
+                selected = runtime.select(latents, name, stock=noise)   # noise: the caller's stock draw
                 if selected is not None:
                     with torch.no_grad():
                         noise.copy_(selected)  # in place: the caller's loss target uses this tensor too

@@ -35,8 +35,22 @@ def test_only_the_first_draw_on_those_latents_is_selected(rt):
     assert torch.randn_like is saved and slot.fired
     torch.manual_seed(0)
     torch.randn_like(other)
-    want = rt.select(LATENTS, "ref")
-    assert a.shape == other.shape and torch.equal(first, want) and not torch.equal(second, want)
+    stock_first = torch.randn_like(LATENTS)
+    want = rt.select(LATENTS, "ref", stock=stock_first)   # seeded from the host's own draw
+    stock_second = torch.randn_like(LATENTS)
+    assert a.shape == other.shape and torch.equal(first, want) and not torch.equal(first, stock_first)
+    assert torch.equal(second, stock_second)   # the host's stream is stock's: the second draw is its own
+
+
+def test_selecting_leaves_the_hosts_random_stream_where_stock_leaves_it(rt):
+    """Common random numbers: with selection on, every later draw equals a k = 1 run's."""
+    torch.manual_seed(7)
+    with randn_like.SelectFirstRandnLike(LATENTS, "p", rt) as slot:
+        torch.randn_like(LATENTS)
+    after_selected = torch.randint(0, 1000, (8,))
+    torch.manual_seed(7)
+    torch.randn_like(LATENTS)
+    assert slot.fired and rt.calls == 1 and torch.equal(after_selected, torch.randint(0, 1000, (8,)))
 
 
 def test_unsupported_arguments_fall_back_and_count(rt):
@@ -79,8 +93,7 @@ def test_intercept_in_function_matches_file_and_function(rt, tmp_path):
         torch.manual_seed(4)
         results[name] = fn(LATENTS)
     torch.manual_seed(4)
-    want = rt.select(LATENTS, "ref")
-    torch.manual_seed(4)
     stock = torch.randn_like.__immiscible_next__(LATENTS)
+    want = rt.select(LATENTS, "ref", stock=stock)
     assert torch.equal(results["new"], want) and torch.equal(results["old"], want)
     assert torch.equal(results["helper"], stock) and torch.equal(results["other"], stock)
