@@ -68,7 +68,7 @@ class Runtime:
         self.window = ReductionWindow()
         #: Why the run's first draw used stock noise (None: it was selected, or nothing was drawn yet).
         self.first_draw_stock: str | None = None
-        self.first_draw_data_problem = False
+        self.first_draw_advice: str | None = None
         self.first_step_checked = False
 
     # ------------------------------------------------------------------ settings
@@ -109,18 +109,19 @@ class Runtime:
             self.warned.add(key)
             logger.warning(msg, *fmt)
 
-    def stock(self, reason: str, msg: str, *fmt, data_problem: bool = False) -> None:
+    def stock(self, reason: str, msg: str, *fmt, advice: str | None = None) -> None:
         """A batch that should have been selected uses stock noise: count it, warn once per reason.
 
-        ``data_problem``: the batch itself is at fault (NaN latents), not the install, so the
-        first-step guard's message gives no install advice.
+        ``advice``: what to do when the batch or a setting is at fault (NaN latents, a coarse size
+        larger than the latent), not the install; the first-step guard then says this instead of
+        the install advice.
         """
         with self.lock:
             self.stock_batches += 1
             self.stock_reasons[reason] += 1
             if self.calls == 0 and self.first_draw_stock is None:
                 self.first_draw_stock = msg % fmt if fmt else msg
-                self.first_draw_data_problem = data_problem
+                self.first_draw_advice = advice
         self.warn_once(reason, msg, *fmt)
 
     def check_first_step(self, where: str, version: str = "unknown", advice: str = "") -> None:
@@ -141,8 +142,8 @@ class Runtime:
             return
         why = self.first_draw_stock or ("no noise draw went through the selection: this trainer draws its noise "
                                         "in a way the pack does not intercept")
-        if self.first_draw_data_problem:
-            advice = "Fix the data (or the VAE) and run again."
+        if self.first_draw_advice:
+            advice = self.first_draw_advice
         raise SelectionNotApplied(
             f"immiscible: --immiscible_k {self.settings.k} was asked for, but the first training batch of "
             f"{where} (version {version}) was not selected: {why}. Stopping before the first optimizer step so "
@@ -179,13 +180,19 @@ class Runtime:
             return None
         try:
             coarse = self.coarse_for(latents.shape)
+        except ValueError as exc:   # the option against this latent: a setting to change, not an install problem
+            self.stock("select:coarse", "immiscible: %s; using stock noise for this batch (warned once)", exc,
+                       advice="Lower --immiscible_coarse to at most the smallest latent side the dataset produces "
+                              "(or set it to 0).")
+            return None
+        try:
             rs = draw_rank_seed(stock)
             noise, info = immiscible.select_noise(latents, s.k, seed=rs.seed, mode=s.mode, metric=s.metric,
                                                   backend=self.backend or s.backend, return_info=True,
                                                   coarse=coarse)
         except Exception as exc:  # noqa: BLE001 - never end a run
             if not bool(torch.isfinite(latents).all()):
-                self.stock("select:non-finite-latents", NON_FINITE, point, data_problem=True)
+                self.stock("select:non-finite-latents", NON_FINITE, point, advice="Fix the data (or the VAE) and run again.")
                 return None
             self.stock(f"select:{type(exc).__name__}",
                        "immiscible: selection failed at %s (%s: %s); using stock noise for this batch (warned once)",

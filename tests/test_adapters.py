@@ -317,7 +317,7 @@ def test_a_coarse_size_the_latents_cannot_take_stops_the_first_step(host):
     acc = host.accelerator()
     with pytest.raises(SelectionNotApplied, match=r"immiscible_coarse must be in \[0, 8\] for latents of shape"):
         host.step(args, acc=acc)
-    assert acc.steps == 0 and host.runtime.stock_reasons == {"select:ValueError": 1}
+    assert acc.steps == 0 and host.runtime.stock_reasons == {"select:coarse": 1}
 
 
 def test_without_the_guard_selection_is_refused_at_start_up(host, capsys):

@@ -94,3 +94,12 @@ def test_nan_latents_stop_with_a_data_message_not_install_advice():
     with pytest.raises(SelectionNotApplied, match="NaN or infinite.*data or VAE problem") as info:
         _accelerator(rt).backward(0.0)
     assert "install.py --check" not in str(info.value) and "open an issue" not in str(info.value)
+
+
+def test_a_coarse_size_too_large_for_the_latent_stops_with_setting_advice():
+    rt = Runtime()
+    rt.configure(Settings(k=8, coarse=64), "torch")
+    assert rt.select(torch.randn(2, 4, 8, 8), "p") is None and rt.stock_reasons == {"select:coarse": 1}
+    with pytest.raises(SelectionNotApplied, match="immiscible_coarse.*Lower --immiscible_coarse") as info:
+        _accelerator(rt).backward(0.0)
+    assert "install.py --check" not in str(info.value)
