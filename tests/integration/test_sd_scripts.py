@@ -170,6 +170,7 @@ def probe_sd_noise():
 
     _setup()
     import immiscible
+    from immiscible_host.ranks import seed_from_draw
     from library import custom_train_functions as ctf
     from library import train_util
 
@@ -183,9 +184,12 @@ def probe_sd_noise():
             _seed_all(11)
             noise, noisy, t = train_util.get_noise_noisy_latents_and_timesteps(args, sched, latents)
             target = sched.get_velocity(latents, noise, t) if args.v_parameterization else noise
-            # the same seed stream by hand: select, then upstream's own code for everything else
+            rng_after = torch.get_rng_state()
+            # the same seed stream by hand: upstream's own draw seeds the selection (common random
+            # numbers), then upstream's own code for everything else
             _seed_all(11)
-            want = immiscible.select_noise(latents, k, mode=mode, coarse=coarse)
+            want = immiscible.select_noise(latents, k, mode=mode, coarse=coarse,
+                                           seed=seed_from_draw(torch.randn_like(latents)))
             selected = want.clone()
             if args.noise_offset:
                 off = torch.rand(1) * args.noise_offset if args.noise_offset_random_strength else args.noise_offset
@@ -203,8 +207,11 @@ def probe_sd_noise():
             want_noisy = sched.add_noise(latents, eps, want_t)
             want_target = sched.get_velocity(latents, want, want_t) if args.v_parameterization else want
             _seed_all(11)
-            stock = train_util.get_noise_noisy_latents_and_timesteps.__wrapped__(args, sched, latents)[0]
+            stock, _, stock_t = train_util.get_noise_noisy_latents_and_timesteps.__wrapped__(args, sched, latents)
             out[f"{name}/k{k}/{mode}/coarse{coarse}"] = {
+                # issue 18: the host's random streams are stock's at any k (timesteps, the generator after)
+                "timesteps_as_stock": bool(torch.equal(t, stock_t)),
+                "rng_as_stock": bool(torch.equal(rng_after, torch.get_rng_state())),
                 "noise": bool(torch.equal(noise, want)), "timesteps": bool(torch.equal(t, want_t)),
                 "noisy": bool(torch.equal(noisy, want_noisy)), "target": bool(torch.equal(target, want_target)),
                 "differs_from_stock": not torch.equal(noise, stock),
@@ -290,6 +297,7 @@ def probe_flow():
 
     _setup()
     import immiscible
+    from immiscible_host.ranks import seed_from_draw
     from library import flux_train_utils, lumina_train_util, sd3_train_utils
 
     out = {}
@@ -312,9 +320,10 @@ def probe_flow():
         pre = (args, sched, latents, noise) if takes_sched else (args, latents, noise)
         x, t, sigmas = helper(*pre, "cpu", torch.float32)
         target = noise - latents if name != "sd3" else latents  # flux-style target; SD3 predicts latents via noise
+        rng_after = torch.get_rng_state()
         _seed_all(3)
-        torch.randn_like(latents)
-        want = immiscible.select_noise(latents, 4)
+        want = immiscible.select_noise(latents, 4, seed=seed_from_draw(torch.randn_like(latents)))
+        _, stock_t, _ = helper.__wrapped__(*(pre[:-1] + (want.clone(),)), "cpu", torch.float32)  # upstream's own
         if name == "sd3":
             rebuilt = sigmas * noise + (1.0 - sigmas) * latents
         else:
@@ -323,6 +332,8 @@ def probe_flow():
             "patched": bool(getattr(helper, "__immiscible_patched__", False)),
             "in_place": noise.data_ptr() == ptr,
             "noise_is_selection": bool(torch.equal(noise, want)),
+            "rng_as_stock": bool(torch.equal(rng_after, torch.get_rng_state())),
+            "timesteps_as_stock": bool(torch.equal(t, stock_t)),
             "input_from_same_noise": bool(torch.equal(x, rebuilt)) if "ip" not in name else None,
             "target_from_same_noise": bool(torch.equal(target, want - latents)) if name != "sd3" else None,
         }
