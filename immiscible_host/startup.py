@@ -99,6 +99,9 @@ def start_up(adapter, args, parser=None) -> Settings:
         check_near_misses(args)
         settings = settings_from_args(args)
         check_dependencies(settings)
+        if settings.validation and adapter.host.validation_arg is None:
+            raise ValueError(f"immiscible_validation: {adapter.host.name} has no validation passes, so there is no "
+                             "validation noise to select; remove the key")
         for check in adapter.host.checks:
             check(args, settings)
         check_guard(adapter, settings)

@@ -263,3 +263,10 @@ def test_assign_without_scipy_stops_at_start_up(monkeypatch):
     with pytest.raises(ValueError, match="--immiscible_mode assign needs scipy.*pip install scipy"):
         fake_adapter().start_up(ns(immiscible_k=4, immiscible_mode="assign"))
     assert fake_adapter().start_up(ns(immiscible_k=4, immiscible_mode="knn")).mode == "knn"
+
+
+def test_validation_selection_is_refused_where_the_host_has_no_validation():
+    """musubi-tuner has no --immiscible_validation; a config file could still set the key."""
+    with pytest.raises(ValueError, match="immiscible_validation: fakehost has no validation passes"):
+        fake_adapter(validation_arg=None).start_up(ns(immiscible_k=4, immiscible_validation=True))
+    assert fake_adapter(validation_arg="is_train").start_up(ns(immiscible_k=4, immiscible_validation=True)).validation
