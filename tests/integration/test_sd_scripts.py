@@ -229,6 +229,7 @@ def probe_validation():
 
     _setup()
     import immiscible
+    from immiscible_host.ranks import seed_from_draw
 
     tn = importlib.import_module("train_network")
 
@@ -250,9 +251,8 @@ def probe_validation():
             targets[is_train] = Trainer().get_noise_pred_and_target(
                 args, Accelerator(), sched, latents, {}, [None], None, None, torch.float32, True, is_train=is_train)[1]
         _seed_all(5)
-        selected = immiscible.select_noise(latents, 8)
-        _seed_all(5)
         stock = torch.randn_like(latents)
+        selected = immiscible.select_noise(latents, 8, seed=seed_from_draw(stock))   # seeded from upstream's draw
         key = "validation_flag" if flags else "default"
         out[key] = {"train_selected": bool(torch.equal(targets[True], selected)),
                     "validation_selected": bool(torch.equal(targets[False], selected)),
