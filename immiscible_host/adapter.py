@@ -166,7 +166,7 @@ class Adapter:
 
     def start_up(self, args, parser=None):
         """Validate, check the running trainer's point, configure the run, log the summary."""
-        from .startup import start_up
+        from .preflight import start_up
 
         return start_up(self, args, parser)
 

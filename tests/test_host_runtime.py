@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import immiscible
-from immiscible_host import options, ranks, startup, telemetry
+from immiscible_host import options, preflight, ranks, telemetry
 from immiscible_host.points import SD_NOISE, PatchPoint, broken, ok
 from immiscible_host.runtime import Runtime
 from helpers import fake_adapter
@@ -234,11 +234,16 @@ def test_start_up_refuses_selection_when_the_guard_point_is_broken():
         adapter.start_up(ns(immiscible_k=4))
 
 
-def test_summary_line():
-    line = startup.summary(options.Settings(k=8), "torch", ["a", "b"])
-    assert line == ("immiscible: k=8 mode=knn metric=l2 coarse=off backend=torch (asked auto) validation noise=stock; "
-                    "patch points active: a, b")
-    assert "coarse=8x8 " in startup.summary(options.Settings(k=8, coarse=8), "torch", [])
+@pytest.mark.parametrize("settings", [options.Settings(k=8), options.Settings(k=64, mode="assign", metric="cosine",
+                                                                              coarse=4, validation=True)])
+def test_the_summary_line_says_every_setting_and_the_active_points(settings):
+    line = preflight.summary(settings, "torch", ["a", "b"])
+    fields = dict(word.split("=", 1) for word in line.split(";")[0].split() if "=" in word)
+    assert (int(fields["k"]), fields["mode"], fields["metric"], fields["backend"]) == (settings.k, settings.mode,
+                                                                                      settings.metric, "torch")
+    assert fields["coarse"] == (f"{settings.coarse}x{settings.coarse}" if settings.coarse else "off")
+    assert fields["noise"] == ("selected" if settings.validation else "stock")
+    assert line.endswith("patch points active: a, b") and preflight.summary(settings, "torch", []).endswith("none")
 
 
 @pytest.mark.parametrize("key", ["immiscible_K", "immisible_k", "immiscible-k", "Immiscible_Mode", "immiscibel_coarse"])

@@ -47,9 +47,14 @@ def test_cli_parses_and_rejects():
             p.parse_args(bad)
 
 
-def test_help_is_bilingual_with_recommendations():
-    text = parser_with_options().format_help()
-    assert "64" in text and "推奨" in text and " / " in text
+def test_every_option_help_is_english_then_japanese_and_k_names_the_recommendation():
+    helps = {a.dest: a.help for a in parser_with_options()._actions if a.dest.startswith("immiscible_")}
+    assert set(helps) == set(host_options.DEFAULTS)
+    for dest, text in helps.items():
+        english, _, japanese = text.rpartition(" / ")
+        assert english.isascii() and english, dest                          # sd-scripts' "English / 日本語"
+        assert any("\u3040" <= ch <= "\u9fff" for ch in japanese), dest
+    assert "Recommended 4 for flow-matching" in helps["immiscible_k"] and "4を推奨" in helps["immiscible_k"]
 
 
 @pytest.mark.parametrize("key,value,exc,needle", [
