@@ -12,7 +12,7 @@ named first), as tests/integration/test_sd_scripts.py does for one checkout. For
   script's own code calls (the function object reached through the script's module, e.g.
   ``sdxl_train_network.train_util.get_noise_noisy_latents_and_timesteps``; the flow helper through
   the script's ``flux_train_utils``; the inline ControlNet draw, compiled under the script's real
-  file and function name) returns ``immiscible.select_noise`` under the same seed stream, and the
+  file and function name) returns ``immiscible.select_noise`` seeded from the trainer's own draw, and the
   real ``accelerate.Accelerator.backward`` lets the step through; without a selected draw it stops;
 - the noise semantics of the real SD noise function (offset, multires, ip_noise_gamma keep acting
   on the selected base draw);
@@ -70,6 +70,16 @@ def _seed(s):
     random.seed(s)
 
 
+def _expected(latents, k=8):
+    """What selection returns: the trainer's own draw (after the same seed) seeds it (common random numbers)."""
+    import torch
+
+    import immiscible
+    from immiscible_host.ranks import seed_from_draw
+
+    return immiscible.select_noise(latents, k, seed=seed_from_draw(torch.randn_like(latents)))
+
+
 def _latents(shape=(2, 4, 16, 16)):
     import torch
 
@@ -100,7 +110,6 @@ def _select_through(root, mod, point, args):
 
     import torch
 
-    import immiscible
     from immiscible_host.points import FLOW_NOISE, INLINE, SD_NOISE
 
     if point.kind == SD_NOISE:
@@ -112,7 +121,7 @@ def _select_through(root, mod, point, args):
         _seed(3)
         noise = fn(args, _scheduler(), latents)[0]
         _seed(3)
-        return bool(torch.equal(noise, immiscible.select_noise(latents, 8)))
+        return bool(torch.equal(noise, _expected(latents)))
     if point.kind == FLOW_NOISE:
         short = point.module.rsplit(".", 1)[-1]
         owner = getattr(mod, short, None) or importlib.import_module(point.module)
@@ -128,8 +137,7 @@ def _select_through(root, mod, point, args):
         params = inspect.signature(helper.__wrapped__).parameters
         helper(**{k: v for k, v in kw.items() if k in params})
         _seed(3)
-        torch.randn_like(latents)
-        return bool(torch.equal(noise, immiscible.select_noise(latents, 8)))
+        return bool(torch.equal(noise, _expected(latents)))
     if point.kind == INLINE:  # the draw as train() writes it, compiled under the script's own file name
         path = root / mod.__name__.replace(".", "/")
         path = root / (Path(getattr(mod, "__file__", "") or path).name)
@@ -140,7 +148,7 @@ def _select_through(root, mod, point, args):
         _seed(3)
         noise = ns["train"](latents)
         _seed(3)
-        return bool(torch.equal(noise, immiscible.select_noise(latents, 8)))
+        return bool(torch.equal(noise, _expected(latents)))
     return False
 
 
@@ -224,7 +232,6 @@ def probe_semantics():
     import torch
 
     _setup()
-    import immiscible
     from kohya_patch.host import ADAPTER
 
     ADAPTER.script = "train_network.py"
@@ -245,7 +252,7 @@ def probe_semantics():
         res = train_util.get_noise_noisy_latents_and_timesteps(args, sched, latents)
         noise, noisy, t = res[0], res[1], res[2]
         _seed(11)
-        selected = immiscible.select_noise(latents, 8)
+        selected = _expected(latents)
         diff = noise - selected
         r = {"returns": len(res)}
         if name in ("plain", "min_max_timestep", "ip_noise_gamma"):
