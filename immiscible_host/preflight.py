@@ -43,6 +43,14 @@ def check_dependencies(settings: Settings) -> None:
                          "pip install scipy (or use --immiscible_mode knn)")
 
 
+def check_validation(adapter, settings: Settings) -> None:
+    """``immiscible_validation`` only where the host has validation passes (a config file can set the
+    key where the parser has no such option)."""
+    if settings.validation and adapter.host.validation_arg is None:
+        raise ValueError(f"immiscible_validation: {adapter.host.name} has no validation passes, so there is no "
+                         "validation noise to select; remove the key")
+
+
 def check_guard(adapter, settings: Settings) -> None:
     """Selection on needs the first-step guard (the table's ``GUARD`` point), because without it a
     drifted run could train on stock noise.
@@ -99,9 +107,7 @@ def start_up(adapter, args, parser=None) -> Settings:
         check_near_misses(args)
         settings = settings_from_args(args)
         check_dependencies(settings)
-        if settings.validation and adapter.host.validation_arg is None:
-            raise ValueError(f"immiscible_validation: {adapter.host.name} has no validation passes, so there is no "
-                             "validation noise to select; remove the key")
+        check_validation(adapter, settings)
         for check in adapter.host.checks:
             check(args, settings)
         check_guard(adapter, settings)

@@ -126,6 +126,15 @@ def _just_above(value, dtype):
     return torch.tensor(value, dtype=dtype).nextafter(torch.tensor(math.inf, dtype=dtype)).item()
 
 
+def _assert_every_path_refuses(latents, backend, match):
+    """knn, assign, cosine, coarse and ``candidates()`` all refuse ``latents`` with ``match``."""
+    for kwargs in ({}, {"mode": "assign"}, {"metric": "cosine"}, {"coarse": 2}):
+        with pytest.raises(ValueError, match=match):
+            immiscible.select_noise(latents, 4, seed=0, backend=backend, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        immiscible.candidates(latents, 4, seed=0, backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("value", ["just_above", 1e19, -1e19, 3e38, 1e300])
@@ -136,11 +145,7 @@ def test_latents_beyond_the_largest_magnitude_are_refused(backend, dtype, value)
     latents = torch.zeros(2, 2, 4, 4, dtype=dtype, device=_device(backend))
     latents[1, 0, 2, 3] = value
     match = r"latents must have every \|value\| <= 1\.40737e\+14 \(immiscible\.LATENT_ABS_MAX = 2\*\*47, .*got a value"
-    for kwargs in ({}, {"mode": "assign"}, {"metric": "cosine"}, {"coarse": 2}):
-        with pytest.raises(ValueError, match=match):
-            immiscible.select_noise(latents, 4, seed=0, backend=backend, **kwargs)
-    with pytest.raises(ValueError, match=match):
-        immiscible.candidates(latents, 4, seed=0, backend=backend)
+    _assert_every_path_refuses(latents, backend, match)
 
 
 def test_the_largest_magnitude_is_accepted_and_the_next_value_refused():
@@ -182,11 +187,7 @@ def test_a_sample_below_the_smallest_magnitude_is_refused(backend, dtype, value)
     latents[1, 1, 2, 2] = -value
     match = (r"latents\[1\] has no \|value\| above .* must be all zeros or have a value of magnitude at least "
              r"1\.0842e-19 \(immiscible\.LATENT_ABS_MIN = 2\*\*-63")
-    for kwargs in ({}, {"mode": "assign"}, {"metric": "cosine"}, {"coarse": 2}):
-        with pytest.raises(ValueError, match=match):
-            immiscible.select_noise(latents, 4, seed=0, backend=backend, **kwargs)
-    with pytest.raises(ValueError, match=match):
-        immiscible.candidates(latents, 4, seed=0, backend=backend)
+    _assert_every_path_refuses(latents, backend, match)
 
 
 def test_an_all_zero_sample_is_accepted():
