@@ -29,6 +29,15 @@ from .points import (CONFIG, FLOW_NOISE, GUARD, METADATA, OPTIONS, OPTIONS_RESUL
 from .randn_like import SelectFirstRandnLike
 
 
+def bound_arguments(sig: inspect.Signature, a, kw) -> dict:
+    """A call's arguments by parameter name (empty when they do not fit the signature: the host's
+    own call then raises as it would unpatched)."""
+    try:
+        return sig.bind_partial(*a, **kw).arguments
+    except TypeError:
+        return {}
+
+
 def _add_options(adapter):
     host = adapter.host
     return lambda parser: add_immiscible_arguments(parser, k_help=host.k_help,
@@ -80,10 +89,7 @@ def starting_up(original, point: PatchPoint, adapter):
 
     @functools.wraps(original)
     def wrapper(*a, **kw):
-        try:
-            args = sig.bind_partial(*a, **kw).arguments.get(param)
-        except TypeError:
-            args = None
+        args = bound_arguments(sig, a, kw).get(param)
         if hasattr(args, "immiscible_k"):
             adapter.start_up(args)
         return original(*a, **kw)
@@ -99,10 +105,7 @@ def adding_metadata(original, point: PatchPoint, adapter):
 
     @functools.wraps(original)
     def wrapper(*a, **kw):
-        try:
-            args = sig.bind_partial(*a, **kw).arguments.get("args")
-        except TypeError:
-            args = None
+        args = bound_arguments(sig, a, kw).get("args")
         no_metadata = bool(getattr(args, "no_metadata", False)) if args is not None else runtime.no_metadata
         return with_metadata(original(*a, **kw), runtime.settings, no_metadata, stock_batches=runtime.stock_batches)
 
@@ -154,11 +157,8 @@ def overwriting_noise(original, point: PatchPoint, adapter):
 
     @functools.wraps(original)
     def wrapper(*a, **kw):
-        try:
-            bound = sig.bind_partial(*a, **kw).arguments
-            args, latents, noise = bound.get("args"), bound.get("latents"), bound.get("noise")
-        except TypeError:
-            args = latents = noise = None
+        bound = bound_arguments(sig, a, kw)
+        args, latents, noise = bound.get("args"), bound.get("latents"), bound.get("noise")
         if runtime.active(args) and isinstance(latents, torch.Tensor) and isinstance(noise, torch.Tensor):
             if noise.shape != latents.shape:
                 runtime.stock(f"shape:{name}", "immiscible: %s got noise %s for latents %s; stock noise used",
