@@ -26,9 +26,11 @@ GUARD = "guard"                    # once per step before the optimizer: the fir
 SD_NOISE = "sd-noise"              # a function whose first ``torch.randn_like(latents)`` is the base draw
 FLOW_NOISE = "flow-noise"          # a function taking ``(latents, noise)``: ``noise`` is overwritten in place
 INLINE = "inline"                  # a script function that draws ``torch.randn_like(latents)`` inline
+RECORD = "record"                  # ``loss_fn(pred, target, ...) -> loss``: recorded for an A/B (``record.py``)
 SUPPORT_KINDS = (OPTIONS, OPTIONS_RESULT, CONFIG, START_UP, METADATA, TRACKERS, GUARD)
 NOISE_KINDS = (SD_NOISE, FLOW_NOISE, INLINE)
-KINDS = SUPPORT_KINDS + NOISE_KINDS
+RECORD_KINDS = (RECORD,)           # not needed by selection: a checkout without it still selects
+KINDS = SUPPORT_KINDS + NOISE_KINDS + RECORD_KINDS
 
 OK, ABSENT, BROKEN = "ok", "absent", "broken"
 

@@ -24,9 +24,10 @@ import torch
 from . import patching, telemetry
 from .options import add_immiscible_arguments, with_metadata
 from .patching import mark
-from .points import (CONFIG, FLOW_NOISE, GUARD, METADATA, OPTIONS, OPTIONS_RESULT, SD_NOISE, START_UP, TRACKERS,
-                     PatchPoint)
+from .points import (CONFIG, FLOW_NOISE, GUARD, METADATA, OPTIONS, OPTIONS_RESULT, RECORD, SD_NOISE, START_UP,
+                     TRACKERS, PatchPoint)
 from .randn_like import SelectFirstRandnLike
+from .record import recording_loss
 
 
 def bound_arguments(sig: inspect.Signature, a, kw) -> dict:
@@ -184,6 +185,7 @@ FACTORIES = {
     GUARD: guarding_first_step,
     SD_NOISE: selecting_first_draw,
     FLOW_NOISE: overwriting_noise,
+    RECORD: recording_loss,
 }
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from immiscible_host.adapter import Adapter, Host
-from immiscible_host.points import (CONFIG, FLOW_NOISE, GUARD, INLINE, METADATA, OPTIONS, SD_NOISE, START_UP,
-                                    TRACKERS, PatchPoint)
+from immiscible_host.points import (CONFIG, FLOW_NOISE, GUARD, INLINE, METADATA, OPTIONS, RECORD, SD_NOISE,
+                                    START_UP, TRACKERS, PatchPoint)
 
 #: Trainers whose noise comes from ``train_util.get_noise_noisy_latents_and_timesteps``.
 SD_TRAINERS = ("train_network.py", "sdxl_train_network.py", "fine_tune.py", "sdxl_train.py", "train_db.py",
@@ -53,6 +53,10 @@ POINTS: tuple[PatchPoint, ...] = (
     PatchPoint("train_control_net.train (inline noise)", "train_control_net", "train", INLINE,
                needle="torch.randn_like(latents", scripts=("train_control_net.py", "train_controlnet.py"),
                aliases=("train_controlnet",)),
+    # the A/B recorder (python -m kohya_patch.ab): NetworkTrainer.process_batch computes every training and
+    # validation loss through it (train_network.py:464, its locals `timesteps`, `latents` and `is_train`)
+    PatchPoint("train_util.conditional_loss", "library.train_util", "conditional_loss", RECORD,
+               params=("model_pred", "target")),
     # immiscible/reduction next to the loss in TensorBoard / W&B; patched when train_util is imported
     PatchPoint("accelerate.Accelerator.init_trackers", "accelerate", "Accelerator.init_trackers", TRACKERS,
                patched_with="library.train_util", in_host=False),

@@ -132,6 +132,9 @@ def verify_training_args(args):
 def get_sai_model_spec(state_dict, args, sdxl, lora, textual_inversion, **kw):
     return {"modelspec.architecture": "fake"}
 
+def conditional_loss(model_pred, target, loss_type, reduction, huber_c=None):
+    return torch.nn.functional.mse_loss(model_pred, target, reduction=reduction)
+
 def get_timesteps(min_timestep, max_timestep, b_size, device):
     return torch.randint(min_timestep, max_timestep, (b_size,), device="cpu").long().to(device)
 

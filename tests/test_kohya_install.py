@@ -155,7 +155,8 @@ def fake_sd_scripts(root: Path, noise_body="    noise = torch.randn_like(latents
         "def read_config_from_file(args, parser): pass\n"
         "def verify_training_args(args): pass\n"
         "def get_sai_model_spec(state_dict, args, sdxl, lora, ti): pass\n"
-        "def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):\n" + noise_body)
+        "def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):\n" + noise_body
+        + "def conditional_loss(model_pred, target, loss_type, reduction, huber_c=None): pass\n")
     for name in ("flux_train_utils", "lumina_train_util"):
         (lib / f"{name}.py").write_text(
             "def get_noisy_model_input_and_timesteps(args, noise_scheduler, latents, noise, device, dtype): pass\n")
