@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import Scored, distance_and_cosine, knn_select, l2_ranking, large_rows, pool_distances
+from .scoring import (Scored, distance_and_cosine, knn_select, l2_ranking, large_rows, pool_distances,
+                      pooled_pool_distances)
 from .seeding import derive_seed
 from .torch_rng import KNN_STREAM, POOL_STREAM, CandidateLayout
 
@@ -30,10 +31,18 @@ class TorchBackend:
         fill = lambda buf, b0, b1, g0, g1: layout.fill(buf, self.ids[b0:b1], g0, g1)  # noqa: E731
         return knn_select(x, k, fill, layout.group, metric, chunk_bytes, with_cosines, project)
 
+    def _pool_fill(self, numel, pool_size):
+        layout = self._layout(numel, pool_size, POOL_STREAM)
+        return (lambda buf, b0, b1, g0, g1: layout.fill(buf, [0], g0, g1)), layout.group
+
     def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
-        layout = self._layout(x.shape[1], pool_size, POOL_STREAM)
-        fill = lambda buf, b0, b1, g0, g1: layout.fill(buf, [0], g0, g1)  # noqa: E731
-        return pool_distances(x, pool_size, fill, layout.group, chunk_bytes, project)
+        fill, group = self._pool_fill(x.shape[1], pool_size)
+        return pool_distances(x, pool_size, fill, group, chunk_bytes, project)
+
+    def pooled_pool_scores(self, px, pool_size, numel, chunk_bytes, project):
+        """``scoring.pooled_pool_distances`` of this backend's pool (latents held only pooled)."""
+        fill, group = self._pool_fill(numel, pool_size)
+        return pooled_pool_distances(px, pool_size, fill, group, numel, chunk_bytes, project)
 
     def pool_members(self, out, pool_size, index):
         return self._layout(out.shape[1], pool_size, POOL_STREAM).fill_members(out, [0] * len(index), index)
@@ -90,12 +99,20 @@ class TritonBackend:
         noise = self._write(torch.empty_like(x), self.ids, index.tolist(), KNN_STREAM)
         return scored._replace(noise=noise, index=index)
 
-    def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
+    def _pool_fill(self, numel, pool_size):
         def fill(buf, b0, b1, g0, g1):  # groups of one candidate: group g is pool member g
             g1 = min(g1, pool_size)
             return self._write(buf[: g1 - g0], [0] * (g1 - g0), list(range(g0, g1)), POOL_STREAM)
 
-        return pool_distances(x, pool_size, fill, 1, chunk_bytes, project)
+        return fill, 1
+
+    def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
+        fill, group = self._pool_fill(x.shape[1], pool_size)
+        return pool_distances(x, pool_size, fill, group, chunk_bytes, project)
+
+    def pooled_pool_scores(self, px, pool_size, numel, chunk_bytes, project):
+        fill, group = self._pool_fill(numel, pool_size)
+        return pooled_pool_distances(px, pool_size, fill, group, numel, chunk_bytes, project)
 
     def pool_members(self, out, pool_size, index):
         return self._write(out, [0] * len(index), list(index), POOL_STREAM)

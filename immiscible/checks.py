@@ -15,6 +15,8 @@ import torch
 MODES = ("knn", "assign")
 METRICS = ("l2", "cosine")
 BACKENDS = ("auto", "torch", "triton")
+#: Where an assignment's batch comes from: this process's batch, or every process's (``select_noise(group=...)``).
+SCOPES = ("rank", "global")
 
 #: Smallest ``k``: one candidate, that is plain Gaussian noise (selection off).
 K_MIN = 1
@@ -78,6 +80,10 @@ def check_metric(metric, name: str = "metric") -> str:
 
 def check_backend(backend, name: str = "backend") -> str:
     return check_choice(name, backend, BACKENDS)
+
+
+def check_scope(scope, name: str = "scope") -> str:
+    return check_choice(name, scope, SCOPES)
 
 
 def check_flag(name: str, value) -> bool:

@@ -247,3 +247,29 @@ def _pair_scores(x_sq: torch.Tensor, x: torch.Tensor, block: torch.Tensor, large
     dist[:, p0:p1], cos[:, p0:p1] = distance_and_cosine(x_sq[:, None], n_sq, dots)
     if large is not None:
         l2[:, p0:p1] = l2_ranking(large, n_sq, dots, dist[:, p0:p1])
+
+
+def pooled_pool_distances(px: torch.Tensor, pool_size: int, fill: GroupFiller, group: int, numel: int,
+                          chunk_bytes: int | None, project) -> tuple[Scored, torch.Tensor, torch.Tensor]:
+    """:func:`pool_distances`' pooled half for latents held only pooled (``px = project(x)``, ``[B, P]``):
+    the same chunks, so the same ``coarse_*`` scores bit for bit; ``dist``/``cos`` are None.
+
+    Also returns the pool's moments, the sum of its members (``[numel]``) and the sum of their
+    squared norms (a scalar), from which a process holding ``x`` gets its full-resolution mean
+    distance ``|x|^2 + sum_sq / pool - 2 x . sum / pool`` without the pool.
+    """
+    _, groups = _plan(pool_size, rows_per_chunk(numel, chunk_bytes, pool_size), group)
+    buf = torch.empty(min(pool_size, groups * group), numel, dtype=torch.float32, device=px.device)
+    px_sq = torch.linalg.vector_norm(px, dim=1).square()
+    plarge = large_rows(px_sq)
+    empty = lambda: torch.empty(px.shape[0], pool_size, dtype=torch.float32, device=px.device)  # noqa: E731
+    out = Scored(None, None, None, None, empty(), empty(), None, empty() if plarge is not None else None)
+    total = torch.zeros(numel, dtype=torch.float64, device=px.device)
+    total_sq = torch.zeros((), dtype=torch.float64, device=px.device)
+    for g0 in range(0, -(-pool_size // group), groups):
+        p0, p1 = g0 * group, min(pool_size, (g0 + groups) * group)
+        block = fill(buf[: p1 - p0], 0, 1, g0, g0 + groups)
+        total += block.sum(0, dtype=torch.float64)
+        total_sq += block.square().sum(dtype=torch.float64)
+        _pair_scores(px_sq, px, project(block), plarge, out.coarse_dist, out.coarse_cos, out.coarse_l2, p0, p1)
+    return out, total, total_sq

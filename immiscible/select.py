@@ -32,6 +32,11 @@ class SelectionInfo:
     (``[B, k]`` for knn, ``[B, k * B]`` against the whole pool for assign), so callers that show
     statistics never recompute them.
 
+    With ``group=`` (``scope == "global"``) and assign, the per-sample fields describe the whole global
+    batch (every process's samples in rank order; ``rows`` are this process's), ``index`` is a pool
+    member of the sample's shape's pool, and ``distances``/``cosines`` are None (they stay where they
+    were solved). With knn they describe this process's samples, keyed by their global index.
+
     With ``coarse=N`` the ``coarse_*`` fields hold the same statistics in the pooled space the
     candidates were ranked in (latent and candidates average-pooled to ``N x N``); they are None
     without it.
@@ -55,6 +60,8 @@ class SelectionInfo:
     coarse_cosine: torch.Tensor | None = None        # [B] cosine(pooled chosen noise, pooled latent)
     coarse_distances: torch.Tensor | None = None     # [B, C] pooled squared distance to every candidate
     coarse_cosines: torch.Tensor | None = None       # [B, C] pooled cosine to every candidate
+    scope: str = "rank"                  # "global": selected over a process group (``group=``)
+    rows: tuple[int, int] | None = None  # global: this process's samples, rows [start, stop) of the global batch
 
     @property
     def reduction_per_sample(self) -> torch.Tensor:
@@ -133,9 +140,14 @@ def _select(backend, x, k, mode, metric, chunk_bytes, with_cosines=True, project
         return backend.knn(x, k, metric, chunk_bytes, with_cosines, project)
     pool = k * x.shape[0]
     scored = backend.pool_scores(x, pool, chunk_bytes, project)
-    index = linear_assignment(scored.ranking(metric) + (1.0 if metric == "cosine" else 0.0))
+    index = assigned(scored, metric)
     noise = backend.pool_members(torch.empty_like(x), pool, index.tolist())
     return scored._replace(noise=noise, index=index)
+
+
+def assigned(scored, metric: str) -> torch.Tensor:
+    """The pool member each row of a ``Scored`` pool gets: one linear assignment of its ranking."""
+    return linear_assignment(scored.ranking(metric) + (1.0 if metric == "cosine" else 0.0))
 
 
 def _info(scored, seed, k, mode, metric, backend, ids, coarse) -> SelectionInfo:
@@ -167,7 +179,8 @@ def _check_common(latents, k, seed, mode, metric, sample_ids):
 
 def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode: str = "knn",
                  metric: str = "l2", backend: str = "auto", return_info: bool = False,
-                 chunk_bytes: int | None = None, sample_ids=None, coarse: int | None = None):
+                 chunk_bytes: int | None = None, sample_ids=None, coarse: int | None = None, group=None,
+                 timeout: float | None = None):
     """Gaussian noise paired with ``latents`` (shape ``[B, ...]``): nearest of ``k`` candidates.
 
     Parameters
@@ -205,12 +218,31 @@ def select_noise(latents: torch.Tensor, k: int, *, seed: int | None = None, mode
         (``adaptive_avg_pool2d`` semantics, so H and W need not divide by it), and return the
         full-resolution candidate. Needs latents ``[B, ..., H, W]`` and ``1 <= coarse <= min(H, W)``;
         ``None`` or 0 is off. The candidates are the same as without it.
+    group : torch.distributed.ProcessGroup, optional
+        Select over the processes of ``group`` (``torch.distributed.group.WORLD`` for all): every
+        process calls ``select_noise`` with its own latents (batch sizes and shapes may differ) and
+        gets its own rows of the result. The seed is rank 0's. With assign, the result is exactly
+        ``select_noise(concatenation of every process's latents in rank order, ...)``'s rows for
+        this process (samples of each latent shape are assigned among themselves); with knn, each
+        sample is keyed by its global index (``sample_ids`` must then be None). Raises
+        ``immiscible.CollectiveError`` when a collective fails (the group is then unusable), and
+        ``immiscible.PeerSelectionError`` on every process when another one could not select
+        (see :mod:`immiscible.collective`). None: this process alone.
+    timeout : float, optional
+        With ``group``: seconds each collective may wait (None: the group's own timeout).
 
     Returns
     -------
     noise : Tensor, same shape, dtype and device as ``latents``
     info : SelectionInfo, only with ``return_info=True``
     """
+    if group is not None:
+        from .collective import select_across
+
+        if sample_ids is not None:
+            raise ValueError("sample_ids must be None with group=: samples are keyed by their global index")
+        return select_across(latents, k, group, seed=seed, mode=mode, metric=metric, backend=backend,
+                             return_info=return_info, chunk_bytes=chunk_bytes, coarse=coarse, timeout=timeout)
     k, seed, ids = _check_common(latents, k, seed, mode, metric, sample_ids)
     coarse = checks.check_coarse(coarse, latents.shape)
     checks.check_flag("return_info", return_info)
