@@ -23,11 +23,11 @@ from .points import GUARD, hook_targets, point_of_kind
 _HOST_FIELDS = ("name", "package", "short", "points", "k_help", "install_flag", "disable_env", "dump_env",
                 "checkout_file", "root_module", "trainer_globs", "version_files", "known_versions", "validation_arg",
                 "checks", "source_dir", "pyproject_version", "not_in_version", "always_intercept", "unknown_trainer",
-                "notes")
+                "notes", "config_keys", "stock_arg", "loss_tags", "ui_fields")
 _HOST_DEFAULTS = ({}, None, (), "", False, {}, None,
                   "not a trainer this pack knows: with --immiscible_k > 1 it stops at its first step unless its noise "
                   "goes through a patch point above",
-                  None)
+                  None, (), None, (), ())
 
 
 class Host(collections.namedtuple("Host", _HOST_FIELDS, defaults=_HOST_DEFAULTS)):
@@ -79,6 +79,18 @@ class Host(collections.namedtuple("Host", _HOST_FIELDS, defaults=_HOST_DEFAULTS)
         What ``--check`` says of a shipped trainer the table does not name.
     notes : callable ``root -> list[str]``, optional
         More ``--check`` lines about a checkout (e.g. a noise selection of the program's own).
+    config_keys : tuple of str
+        A program configured by a typed config object (OneTrainer): the options it declares as
+        fields (``SCHEMA`` and ``RAW_CONFIG`` points).
+    stock_arg : str or None
+        The caller's argument that is True where the noise must stay stock (OneTrainer's
+        ``predict(..., deterministic=True)`` in validation), read by ``GENERATOR_NOISE`` points.
+    loss_tags : tuple of str
+        The scalar tags of the program's per-step loss, beside which ``SCALARS`` points log
+        ``immiscible/reduction``.
+    ui_fields : tuple of ``(key, label, tooltip)``
+        The widgets a ``UI_FRAME`` point adds: a drop-down for an option with choices
+        (:data:`immiscible_host.typed_config.CHOICES`), else an entry.
 
     (Immutable; a named tuple rather than a dataclass, so that building it at interpreter start-up
     imports nothing more.)

@@ -19,6 +19,15 @@ import sys
 MARK = "__immiscible_patched__"
 
 
+def has_attribute(obj, dotted: str) -> bool:
+    """Whether ``obj`` has the (possibly dotted: ``"Class.method"``) attribute."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return True
+
+
 class ImportHook:
     """Calls ``patch(module)`` after any module in ``targets`` is imported.
 
@@ -42,7 +51,7 @@ class ImportHook:
     def patch_loaded(self, module) -> None:
         """Patch ``module`` if it is a target and the host's own; never raises."""
         name = getattr(module, "__name__", "")
-        if name not in self.targets or not hasattr(module, self.targets[name]):
+        if name not in self.targets or not has_attribute(module, self.targets[name]):
             return  # some other project's module of the same name: leave it alone
         try:
             self.patch(module)

@@ -59,7 +59,10 @@ def patch_point(point: PatchPoint, module, wrap) -> PointStatus:
     status = check_callable(point, fn)
     if not status.ok:
         return status
-    setattr(owner, attr, wrap(point, fn))
+    wrapped = wrap(point, fn)
+    if isinstance(inspect.getattr_static(owner, attr, None), staticmethod):
+        wrapped = staticmethod(wrapped)   # stays callable on instances as it was
+    setattr(owner, attr, wrapped)
     return ok()
 
 

@@ -27,8 +27,16 @@ SD_NOISE = "sd-noise"              # a function whose first ``torch.randn_like(l
 FLOW_NOISE = "flow-noise"          # a function taking ``(latents, noise)``: ``noise`` is overwritten in place
 INLINE = "inline"                  # a script function that draws ``torch.randn_like(latents)`` inline
 RECORD = "record"                  # ``loss_fn(pred, target, ...) -> loss``: recorded for an A/B (``record.py``)
-SUPPORT_KINDS = (OPTIONS, OPTIONS_RESULT, CONFIG, START_UP, METADATA, TRACKERS, GUARD)
-NOISE_KINDS = (SD_NOISE, FLOW_NOISE, INLINE)
+# Roles of a program configured by a typed config object rather than argparse (OneTrainer):
+SCHEMA = "schema"                  # ``f() -> config`` declaring its fields in ``types``/``nullables``/``default_values``
+RAW_CONFIG = "raw-config"          # ``from_dict(self, data, ...)``: the options' raw values checked before its casts
+SCALARS = "scalars"                # ``add_scalar(self, tag, value, step)``: ``immiscible/reduction`` beside the loss
+UI_FRAME = "ui-frame"              # ``f(self, master, row, ui_state, ...)`` builds a settings frame: plus the options
+GENERATOR_NOISE = "generator-noise"  # ``f(..., latents, config, generator, ...)``: its first ``torch.randn(latents.shape,
+#                                      generator=generator)`` is the base draw (params name those three)
+SUPPORT_KINDS = (OPTIONS, OPTIONS_RESULT, CONFIG, START_UP, METADATA, TRACKERS, GUARD, SCHEMA, RAW_CONFIG, SCALARS,
+                 UI_FRAME)
+NOISE_KINDS = (SD_NOISE, FLOW_NOISE, INLINE, GENERATOR_NOISE)
 RECORD_KINDS = (RECORD,)           # not needed by selection: a checkout without it still selects
 KINDS = SUPPORT_KINDS + NOISE_KINDS + RECORD_KINDS
 
@@ -169,14 +177,22 @@ def check_source(point: PatchPoint, params, source: str | None) -> PointStatus:
 # --------------------------------------------------------------------------- static check (installer)
 
 
+def mangled(owner: str, name: str) -> str:
+    """The name Python stores a class's private ``__name`` under (``_Owner__name``); others as given."""
+    if name.startswith("__") and not name.endswith("__"):
+        return f"_{owner.lstrip('_')}{name}"
+    return name
+
+
 def _find_def(tree, attribute: str):
     import ast
 
     body = tree.body
     node = None
     for part in attribute.split("."):
+        owner = node.name if isinstance(node, ast.ClassDef) else ""
         node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                     and n.name == part), None)
+                     and part in (n.name, mangled(owner, n.name))), None)
         if node is None:
             return None
         body = node.body

@@ -10,7 +10,14 @@ here, once, for every host:
 - ``TRACKERS``: trackers log ``immiscible/reduction`` and ``immiscible/stock_batches``;
 - ``GUARD``: the first call stops a run whose first draw was not selected;
 - ``SD_NOISE``: the function's first ``torch.randn_like(latents)`` returns the selection;
-- ``FLOW_NOISE``: the caller's ``noise`` is overwritten in place, so input and target agree.
+- ``FLOW_NOISE``: the caller's ``noise`` is overwritten in place, so input and target agree;
+- ``GENERATOR_NOISE``: the function's first ``torch.randn(latents.shape, generator=...)`` returns the
+  selection (the generator ends where stock leaves it), except where the caller's ``host.stock_arg``
+  is True (OneTrainer's deterministic validation);
+- ``SCHEMA`` / ``RAW_CONFIG``: the options become fields of a typed config object, and their raw
+  values are checked before the program casts them (:mod:`immiscible_host.typed_config`);
+- ``SCALARS``: ``add_scalar`` of the loss also logs ``immiscible/reduction`` and the stock-batch count;
+- ``UI_FRAME``: a settings frame of the program's GUI also gets the options' widgets.
 
 With selection off every wrapper calls straight through: no random number is drawn.
 """
@@ -21,13 +28,14 @@ import inspect
 
 import torch
 
-from . import patching, telemetry
+from . import patching, telemetry, typed_config
+from .generator_draw import LastSelection, SelectFirstGeneratorDraw
 from .options import add_immiscible_arguments, with_metadata
 from .patching import mark
-from .points import (CONFIG, FLOW_NOISE, GUARD, METADATA, OPTIONS, OPTIONS_RESULT, RECORD, SD_NOISE, START_UP,
-                     TRACKERS, PatchPoint)
+from .points import (CONFIG, FLOW_NOISE, GENERATOR_NOISE, GUARD, METADATA, OPTIONS, OPTIONS_RESULT, RAW_CONFIG, RECORD,
+                     SCALARS, SCHEMA, SD_NOISE, START_UP, TRACKERS, UI_FRAME, PatchPoint)
 from .randn_like import SelectFirstRandnLike
-from .record import recording_loss
+from .record import caller_local, recording_loss
 
 
 def bound_arguments(sig: inspect.Signature, a, kw) -> dict:
@@ -174,6 +182,149 @@ def overwriting_noise(original, point: PatchPoint, adapter):
     return mark(wrapper, original)
 
 
+def selecting_generator_draw(original, point: PatchPoint, adapter):
+    """``_create_noise(self, source_tensor, config, generator, ...)`` (``point.params`` name the latents,
+    the config and the step generator): while the host's body runs, its first draw on that generator
+    of the latents' shape is the base draw and returns the selection, seeded from that draw; the
+    rest (offset, perturbation noise) is the host's code on the generator where stock leaves it.
+    Stock where the caller's ``host.stock_arg`` is True (validation). A repeat of the same step (the
+    same stock draw for the same latents) gets the same selection, counted once."""
+    sig = inspect.signature(original)
+    runtime, name, stock_arg = adapter.runtime, point.name, adapter.host.stock_arg
+    latents_name, config_name, generator_name = point.params[:3]
+    last = LastSelection()
+
+    @functools.wraps(original)
+    def wrapper(*a, **kw):
+        bound = bound_arguments(sig, a, kw)
+        if not runtime.active(bound.get(config_name)) or (stock_arg and caller_local(stock_arg) is True):
+            return original(*a, **kw)
+        latents, generator = bound.get(latents_name), bound.get(generator_name)
+        if not isinstance(latents, torch.Tensor) or not isinstance(generator, torch.Generator):
+            runtime.stock(f"args:{name}", "immiscible: %s was called without latents and a torch.Generator; stock "
+                          "noise was used", name)
+            return original(*a, **kw)
+        with SelectFirstGeneratorDraw(latents, generator, name, runtime, last) as slot:
+            out = original(*a, **kw)
+        if not slot.replaced:
+            runtime.stock(f"not-fired:{name}", "immiscible: %s no longer draws its base noise with "
+                          "torch.randn(latents.shape, generator=generator); stock noise was used", name)
+        return out
+
+    return mark(wrapper, original)
+
+
+def declaring_options(original, point: PatchPoint, adapter):
+    """``default_values() -> config``: the config declares ``host.config_keys`` as fields."""
+    keys = adapter.host.config_keys
+
+    @functools.wraps(original)
+    def wrapper(*a, **kw):
+        config = original(*a, **kw)
+        typed_config.declare_options(config, keys)
+        return config
+
+    return mark(wrapper, original)
+
+
+def checking_raw_options(original, point: PatchPoint, adapter):
+    """``from_dict(self, data, ...)``: the options' raw values are checked before the host casts them;
+    a bad one is left out and recorded, and start-up stops on it (a config without the options is
+    read as the host reads it)."""
+    keys = adapter.host.config_keys
+
+    @functools.wraps(original)
+    def wrapper(self, data, *a, **kw):
+        if typed_config.declares(self, keys):
+            data = typed_config.checked_raw(self, data, keys)
+        return original(self, data, *a, **kw)
+
+    return mark(wrapper, original)
+
+
+def logging_reduction_scalar(original, point: PatchPoint, adapter):
+    """``add_scalar(self, tag, value, step, ...)``: a loss tag (``host.loss_tags``) also logs
+    ``immiscible/reduction`` and ``immiscible/stock_batches`` at that step (k > 1 only)."""
+    runtime, tags = adapter.runtime, tuple(adapter.host.loss_tags)
+
+    @functools.wraps(original)
+    def wrapper(self, tag, scalar_value, global_step=None, *a, **kw):
+        out = original(self, tag, scalar_value, global_step, *a, **kw)
+        if runtime.enabled and tag in tags:
+            values = telemetry.add_reduction({tag: scalar_value}, runtime.window, loss_keys=tags, step=global_step,
+                                             extra=lambda: {telemetry.STOCK_KEY: runtime.stock_batches})
+            for key, value in values.items():
+                if key != tag:
+                    original(self, key, value, global_step)
+        return out
+
+    return mark(wrapper, original)
+
+
+class RecordingComponents:
+    """A GUI's widget factory (OneTrainer's ``components`` module) that keeps the first section frame
+    made through it and the last grid row used in that frame."""
+
+    def __init__(self, inner):
+        self.inner, self.frame, self.last_row = inner, None, -1
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+        if not callable(fn):
+            return fn
+
+        def call(*a, **kw):
+            out = fn(*a, **kw)
+            if name == "section_frame" and self.frame is None:
+                self.frame = out
+            elif self.frame is not None and len(a) > 1 and a[0] is self.frame and isinstance(a[1], int):
+                self.last_row = max(self.last_row, a[1])
+            return out
+
+        return call
+
+
+def add_fields(components, frame, row: int, ui_state, fields) -> int:
+    """``fields`` (``(key, label, tooltip)``) as rows of ``frame`` from ``row`` on: a label and a
+    drop-down of the option's choices (``typed_config.CHOICES``) or an entry; returns the next free row."""
+    for key, label, tooltip in fields:
+        components.label(frame, row, 0, label, tooltip=tooltip)
+        if key in typed_config.CHOICES:
+            components.options(frame, row, 1, list(typed_config.CHOICES[key]), ui_state, key)
+        else:
+            components.entry(frame, row, 1, ui_state, key)
+        row += 1
+    return row
+
+
+def adding_ui_fields(original, point: PatchPoint, adapter):
+    """``create_frame(self, master, row, ui_state, ...)`` drawing through ``self.components``: the frame
+    it makes also gets ``host.ui_fields`` below its own rows (a GUI that cannot take them is left as
+    it was, with a warning)."""
+    sig = inspect.signature(original)
+    fields, runtime = adapter.host.ui_fields, adapter.runtime
+
+    @functools.wraps(original)
+    def wrapper(self, *a, **kw):
+        ui_state = bound_arguments(sig, (self, *a), kw).get("ui_state")
+        components = getattr(self, "components", None)
+        recording = RecordingComponents(components)
+        self.components = recording
+        try:
+            out = original(self, *a, **kw)
+        finally:
+            self.components = components
+        if recording.frame is not None and ui_state is not None:
+            try:
+                add_fields(components, recording.frame, recording.last_row + 1, ui_state, fields)
+            except Exception as exc:  # noqa: BLE001 - never break the host's GUI
+                runtime.warn_once(f"ui:{point.name}", "immiscible: could not add the options to %s (%s: %s)",
+                                  point.name, type(exc).__name__, exc)
+        return out
+
+    return mark(wrapper, original)
+
+
 #: Each kind of point -> the factory of its wrapper (``INLINE`` points are intercepted at start-up).
 FACTORIES = {
     OPTIONS: adding_options,
@@ -186,6 +337,11 @@ FACTORIES = {
     SD_NOISE: selecting_first_draw,
     FLOW_NOISE: overwriting_noise,
     RECORD: recording_loss,
+    GENERATOR_NOISE: selecting_generator_draw,
+    SCHEMA: declaring_options,
+    RAW_CONFIG: checking_raw_options,
+    SCALARS: logging_reduction_scalar,
+    UI_FRAME: adding_ui_fields,
 }
 
 

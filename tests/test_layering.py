@@ -8,8 +8,9 @@ anything (lazy ones inside functions included, relative ones resolved, ``importl
 - the core (``immiscible``) imports nothing of the project and no host program;
 - the kit (``immiscible_host``, shared by the training-program adapters) imports only the core,
   torch, numpy and the standard library: no adapter, no lab, no host program;
-- adapters import the core (public names only: no ``_private`` module or name), the kit (not
-  ``comfy_nodes``) and their own host program; never each other, never the lab;
+- adapters import the core (public names only: no ``_private`` module or name), the kit (``comfy_nodes``
+  too, for the ``ss_immiscible_*`` metadata and the draw-seeded selection of its training node) and
+  their own host program; never each other, never the lab;
 - the lab imports only the core; nothing outside the lab imports the lab (tests and the Makefile may);
 - ``accelerate``: nothing of the core, kit, adapters, lab or entries imports it at module level.
   The one lazy import (inside a function) allowed is in the module that wraps trackers
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Package names live here only, so a rename (immiscible_host -> immiscible_kit) is one edit.
 CORE = "immiscible"
 KIT = "immiscible_host"
-TRAINING_ADAPTERS = ("kohya_patch", "musubi_patch")
+TRAINING_ADAPTERS = ("kohya_patch", "musubi_patch", "onetrainer_patch")
 ADAPTERS = (*TRAINING_ADAPTERS, "comfy_nodes")
 LAB = "immiscible_lab"
 INSTALLER = "install"          # install.py
@@ -58,7 +59,7 @@ MAY_IMPORT = {
     CORE: (),
     KIT: (CORE,),
     **{a: (CORE, KIT) for a in TRAINING_ADAPTERS},
-    "comfy_nodes": (CORE,),
+    "comfy_nodes": (CORE, KIT),
     LAB: (CORE,),
     INSTALLER: (CORE, KIT, *ADAPTERS),
     COMFY_ENTRY: ("comfy_nodes",),
@@ -66,11 +67,12 @@ MAY_IMPORT = {
 }
 #: Host programs' modules (top-level names).
 HOST_MODULES = ("library", "musubi_tuner", "comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths",
-                "accelerate")
+                "accelerate", "modules")
 #: Layer -> the host modules it may import (``accelerate`` is ruled separately, see the docstring).
 MAY_USE_HOST = {
     "kohya_patch": ("library",),
     "musubi_patch": ("musubi_tuner",),
+    "onetrainer_patch": ("modules",),
     "comfy_nodes": ("comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths"),
     SCRIPTS: HOST_MODULES,
 }
@@ -390,8 +392,8 @@ PLANTED = {
     "an adapter reaching into the core privately": (
         {"comfy_nodes/nodes.py": "from immiscible.select import _ranker\nfrom immiscible._x import y\n"},
         {("private", "comfy_nodes/nodes.py")}),
-    "comfy_nodes importing the kit": (
-        {"comfy_nodes/nodes.py": f"from {KIT} import patching\n"}, {("layer", "comfy_nodes/nodes.py")}),
+    "comfy_nodes importing a training adapter": (
+        {"comfy_nodes/nodes.py": "from kohya_patch import noise\n"}, {("layer", "comfy_nodes/nodes.py")}),
     "the kit importing an adapter and a third-party package": (
         {f"{KIT}/patching.py": "import scipy\nfrom kohya_patch import installer\n"},
         {("third-party", f"{KIT}/patching.py"), ("layer", f"{KIT}/patching.py")}),
