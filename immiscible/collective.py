@@ -179,6 +179,16 @@ def _score(cls, seed, rows, pool, numel, chunk_bytes, shape, coarse, metric):
 # --------------------------------------------------------------------------- the public entry
 
 
+def abstain(group, *, timeout: float | None = None) -> None:
+    """Take part in a group selection as a process that will not select this batch (its own check
+    failed before it could call ``select_noise``): every other process's ``select_noise`` then
+    raises :class:`PeerSelectionError` instead of waiting. Raises :class:`CollectiveError` like it."""
+    dist = _dist()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    header = torch.zeros(len(HEADER) + MAX_DIMS, dtype=torch.int64, device=comm_device(group, torch.device("cpu")))
+    _all_gather("header", header, group, rank, world, timeout)
+
+
 def select_across(latents, k, group, *, seed=None, mode="knn", metric="l2", backend="auto", return_info=False,
                   chunk_bytes=None, coarse=None, timeout=None):
     """``select_noise(latents, ..., group=group)``: see :func:`immiscible.select_noise` and the module docs."""

@@ -21,6 +21,7 @@ DEFAULTS = {
     "immiscible_backend": "auto",
     "immiscible_coarse": 0,
     "immiscible_validation": False,
+    "immiscible_scope": "rank",
 }
 #: Metadata keys written into saved models (kohya's ``ss_*`` convention).
 METADATA_PREFIX = "ss_immiscible_"
@@ -43,6 +44,12 @@ COARSE_HELP = (
     "N x N (the layout only), and keep the full-resolution candidate; 0 = off (default); at most the latent's "
     "shorter side / 粗い選択：潜在と候補をN×Nに平均プーリングした距離（構図のみ）で候補を選び、元の解像度の候補を"
     "使う。0でオフ（デフォルト）。潜在の短辺以下")
+SCOPE_HELP = (
+    "with several processes (accelerate launch --multi_gpu): rank (default) selects each process's batch on its "
+    "own; global solves one assignment of the whole global batch (every process's samples, as the paper's code "
+    "does), gathered over the trainer's process group; with knn it only keys candidates by global sample index "
+    "/ 複数プロセス時：rank（デフォルト）は各プロセスのバッチを個別に選択、globalは全プロセスのバッチ全体を一つの"
+    "割り当てで解く（論文のコードと同じ）。knnでは候補をグローバルなサンプル番号で決めるだけ")
 VALIDATION_HELP = (
     "also select the noise of validation passes (default: validation noise stays stock, so validation losses "
     "stay comparable across runs) / 検証時のノイズにも選択を適用する（デフォルトでは検証ノイズは通常のまま"
@@ -57,6 +64,7 @@ class Settings:
     backend: str = "auto"
     coarse: int = 0
     validation: bool = False
+    scope: str = "rank"
 
     @property
     def enabled(self) -> bool:
@@ -72,6 +80,7 @@ class Settings:
             METADATA_PREFIX + "metric": self.metric,
             METADATA_PREFIX + "coarse": str(self.coarse),
             METADATA_PREFIX + "validation": str(self.validation),
+            METADATA_PREFIX + "scope": self.scope,
         }
 
 
@@ -96,6 +105,8 @@ def add_immiscible_arguments(parser: argparse.ArgumentParser, k_help: str, valid
                         choices=immiscible.BACKENDS, help=BACKEND_HELP)
     parser.add_argument("--immiscible_coarse", type=int, default=DEFAULTS["immiscible_coarse"], metavar="N",
                         help=COARSE_HELP)
+    parser.add_argument("--immiscible_scope", type=str, default=DEFAULTS["immiscible_scope"], choices=immiscible.SCOPES,
+                        help=SCOPE_HELP)
     if validation:
         parser.add_argument("--immiscible_validation", action="store_true", help=VALIDATION_HELP)
 
@@ -114,6 +125,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         coarse=immiscible.check_int("immiscible_coarse", get("immiscible_coarse"), 0, immiscible.COARSE_MAX,
                                     " (0 = off; N pools to N x N)"),
         validation=immiscible.check_flag("immiscible_validation", get("immiscible_validation")),
+        scope=immiscible.check_scope(get("immiscible_scope"), name="immiscible_scope"),
     )
 
 

@@ -29,7 +29,7 @@ def summary(settings: Settings, backend: str, points: list[str]) -> str:
     val = "selected" if settings.validation else "stock"
     coarse = f"{settings.coarse}x{settings.coarse}" if settings.coarse else "off"
     return (f"immiscible: k={settings.k} mode={settings.mode} metric={settings.metric} coarse={coarse} "
-            f"backend={backend} (asked {settings.backend}) validation noise={val}; patch points active: {where}")
+            f"backend={backend} (asked {settings.backend}) scope={settings.scope} validation noise={val}; patch points active: {where}")
 
 
 def active_noise_points(points, statuses: dict[str, PointStatus]) -> list[str]:
@@ -41,6 +41,25 @@ def check_dependencies(settings: Settings) -> None:
     if settings.enabled and settings.mode == "assign" and importlib.util.find_spec("scipy") is None:
         raise ValueError("--immiscible_mode assign needs scipy, which this environment lacks: "
                          "pip install scipy (or use --immiscible_mode knn)")
+
+
+def check_assign_size(settings: Settings, args, world: int) -> None:
+    """``--immiscible_mode assign``: the batch that one assignment solves (a process's batch, or the
+    global batch of ``world`` processes under ``--immiscible_scope global``) within the core's
+    ``B^2 * k`` limit, checked here when the trainer's batch size (``train_batch_size``) is known
+    before a model loads; elsewhere the first batch's selection checks it."""
+    batch = getattr(args, "train_batch_size", None)
+    if not settings.enabled or settings.mode != "assign" or type(batch) is not int or batch < 1:
+        return
+    solved = batch * world if settings.scope == "global" else batch
+    entries, limit = solved * solved * settings.k, immiscible.checks.MAX_ASSIGN_COST_ENTRIES
+    if entries > limit:
+        where = (f"{batch} per process x {world} processes = a global batch of {solved}" if settings.scope == "global"
+                 else f"a batch of {solved} per process")
+        raise ValueError(f"--immiscible_mode assign with --immiscible_scope {settings.scope}: {where} and "
+                         f"--immiscible_k {settings.k} need a {solved} x {solved * settings.k} cost matrix, "
+                         f"B^2 x k = {entries}, above the limit {limit} (2^27); use a smaller --immiscible_k, "
+                         f"a smaller batch, --immiscible_scope rank or --immiscible_mode knn")
 
 
 def check_validation(adapter, settings: Settings) -> None:
@@ -107,6 +126,7 @@ def start_up(adapter, args, parser=None) -> Settings:
         check_near_misses(args)
         settings = settings_from_args(args)
         check_dependencies(settings)
+        check_assign_size(settings, args, distributed_rank()[1])
         check_validation(adapter, settings)
         for check in adapter.host.checks:
             check(args, settings)

@@ -4,6 +4,9 @@ The selection seed comes from the host's own stock draw (:func:`seed_from_draw`)
 consumes none of the host's random numbers. Trainers seed every accelerate rank alike (sd-scripts'
 ``--seed``), so that seed can be the same on every rank; mixing in the rank gives each rank its own
 candidate pool, while a single process keeps the seed unchanged.
+
+With ``--immiscible_scope global`` the seed is not mixed: the core takes rank 0's seed for every
+process of the group (``select_noise(..., group=process_group("global"))``).
 """
 from __future__ import annotations
 
@@ -43,9 +46,23 @@ def seed_from_draw(stock) -> int:
     return immiscible.derive_seed(stock.numel(), *head)   # derive_seed masks each to 64 bits
 
 
-def draw_rank_seed(stock=None) -> RankSeed:
+def draw_rank_seed(stock=None, scope: str = "rank") -> RankSeed:
     """One selection seed, from the host's stock draw (``stock``; None: drawn from torch's default
-    generator, which consumes it), with this process's rank mixed in."""
+    generator, which consumes it), with this process's rank mixed in (``scope="rank"``; with
+    ``"global"`` it is left as drawn: rank 0's is broadcast to every process)."""
     drawn = immiscible.draw_seed() if stock is None else seed_from_draw(stock)
     rank, world = distributed_rank()
-    return RankSeed(drawn, immiscible.derive_seed(drawn, rank) if world > 1 else drawn, rank, world)
+    mixed = world > 1 and scope == "rank"
+    return RankSeed(drawn, immiscible.derive_seed(drawn, rank) if mixed else drawn, rank, world)
+
+
+def process_group(scope: str):
+    """The process group a selection of ``scope`` runs over: torch.distributed's default group for
+    ``"global"`` when several processes are initialized, else None (this process alone)."""
+    if scope != "global":
+        return None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None

@@ -18,8 +18,8 @@ import immiscible
 
 from .options import Settings, settings_from_args
 from .points import PointStatus
-from .ranks import draw_rank_seed
-from .telemetry import ReductionWindow, dump_row
+from .ranks import draw_rank_seed, process_group
+from .telemetry import ReductionWindow, dump_row, dump_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,17 @@ NON_FINITE = ("immiscible: the latents at %s contain NaN or infinite values, so 
 
 class SelectionNotApplied(RuntimeError):
     """Selection was asked for, but the run's first draw did not go through it."""
+
+
+class GroupSelectionFailed(RuntimeError):
+    """``--immiscible_scope global``: a collective failed or timed out, so the process group is
+    unusable and this process stops (every live process of the group raises it)."""
+
+
+#: What a process says when a collective of a global selection failed (``--immiscible_scope global``).
+GROUP_FAILED = ("immiscible: --immiscible_scope global: {}. A failed collective cannot be recovered, so this run stops "
+                "on every process (see each process's log). Check the other processes' logs for the first error; "
+                "to train on, rerun with --immiscible_scope rank")
 
 
 class Runtime:
@@ -178,18 +189,27 @@ class Runtime:
             return None
         if not s.validation and self.in_validation():
             return None
+        group = process_group(s.scope)
         try:
             coarse = self.coarse_for(latents.shape)
         except ValueError as exc:   # the option against this latent: a setting to change, not an install problem
+            if group is not None:   # the other processes are waiting for this one's part in the selection
+                self._collective(lambda: immiscible.abstain(group))
             self.stock("select:coarse", "immiscible: %s; using stock noise for this batch (warned once)", exc,
                        advice="Lower --immiscible_coarse to at most the smallest latent side the dataset produces "
                               "(or set it to 0).")
             return None
         try:
-            rs = draw_rank_seed(stock)
-            noise, info = immiscible.select_noise(latents, s.k, seed=rs.seed, mode=s.mode, metric=s.metric,
-                                                  backend=self.backend or s.backend, return_info=True,
-                                                  coarse=coarse)
+            rs = draw_rank_seed(stock, s.scope)
+            noise, info = self._collective(lambda: immiscible.select_noise(
+                latents, s.k, seed=rs.seed, mode=s.mode, metric=s.metric, backend=self.backend or s.backend,
+                return_info=True, coarse=coarse, group=group))
+        except GroupSelectionFailed:
+            raise
+        except immiscible.PeerSelectionError as exc:   # decided jointly: every process uses stock noise for it
+            self.stock("select:peer", "immiscible: %s; using stock noise for this batch on every process "
+                       "(warned once)", exc)
+            return None
         except Exception as exc:  # noqa: BLE001 - never end a run
             if not bool(torch.isfinite(latents).all()):
                 self.stock("select:non-finite-latents", NON_FINITE, point, advice="Fix the data (or the VAE) and run again.")
@@ -198,10 +218,19 @@ class Runtime:
                        "immiscible: selection failed at %s (%s: %s); using stock noise for this batch (warned once)",
                        point, type(exc).__name__, exc)
             return None
-        self._record(info, point, rs)
+        self._record(info, point, rs, latents, noise)
         return noise
 
-    def _record(self, info, point, rs) -> None:
+    def _collective(self, call):
+        """``call()``; a failed collective (the group is unusable) stops this process with one message."""
+        try:
+            return call()
+        except immiscible.CollectiveError as exc:
+            msg = GROUP_FAILED.format(exc)
+            logger.error(msg)
+            raise GroupSelectionFailed(msg) from exc
+
+    def _record(self, info, point, rs, latents=None, noise=None) -> None:
         with self.lock:
             self.calls += 1
             calls = self.calls
@@ -211,11 +240,14 @@ class Runtime:
             row = {"point": point, "call": calls, "rank": rs.rank, "world_size": rs.world_size,
                    "drawn_seed": rs.drawn, "seed": rs.seed, "k": info.k, "mode": info.mode, "metric": info.metric,
                    "backend": info.backend, "index": info.index.tolist(), "reduction": info.reduction,
-                   "coarse": info.coarse, "coarse_reduction": info.coarse_reduction}
+                   "coarse": info.coarse, "coarse_reduction": info.coarse_reduction, "scope": info.scope,
+                   "rows": info.rows}
             logger.debug("immiscible selection %s", row)
             if dump:
                 try:
                     dump_row(dump, rs.rank, row)
+                    if latents is not None:
+                        dump_tensors(dump, rs.rank, calls, latents=latents, noise=noise)
                 except OSError as exc:
                     self.warn_once("dump", "immiscible: cannot write %s: %s", dump, exc)
 

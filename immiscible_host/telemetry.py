@@ -126,3 +126,12 @@ def dump_row(folder: str, rank: int, row: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"rank{rank}.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def dump_tensors(folder: str, rank: int, call: int, **tensors) -> None:
+    """Save ``tensors`` (CPU copies) as ``folder/rank{rank}_call{call}.pt`` beside the JSON lines, so a
+    test can recompute a selection from the very latents it was made for (raises ``OSError``)."""
+    import torch
+
+    os.makedirs(folder, exist_ok=True)
+    torch.save({name: t.detach().cpu() for name, t in tensors.items()}, os.path.join(folder, f"rank{rank}_call{call}.pt"))

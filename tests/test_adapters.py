@@ -372,7 +372,8 @@ def test_metadata_only_when_selecting_and_not_with_no_metadata(host):
     args = host.parse("--immiscible_k", "64", "--immiscible_mode", "assign", "--immiscible_metric", "cosine")
     assert host.metadata(args) == {**host.base_metadata, "ss_immiscible_k": "64", "ss_immiscible_mode": "assign",
                                    "ss_immiscible_metric": "cosine", "ss_immiscible_coarse": "0",
-                                   "ss_immiscible_validation": "False", "ss_immiscible_stock_batches": "0"}
+                                   "ss_immiscible_validation": "False", "ss_immiscible_stock_batches": "0",
+                                   "ss_immiscible_scope": "rank"}
     args = host.parse("--immiscible_k", "8", "--no_metadata")
     assert host.metadata(args) == host.base_metadata
 

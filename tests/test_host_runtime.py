@@ -54,7 +54,8 @@ def test_settings_errors_name_the_key_and_range(key, value, needle):
 def test_metadata_only_when_enabled():
     s = options.Settings(k=64, metric="cosine")
     assert s.metadata() == {"ss_immiscible_k": "64", "ss_immiscible_mode": "knn", "ss_immiscible_metric": "cosine",
-                            "ss_immiscible_coarse": "0", "ss_immiscible_validation": "False"}
+                            "ss_immiscible_coarse": "0", "ss_immiscible_validation": "False",
+                            "ss_immiscible_scope": "rank"}
     assert options.Settings(k=4, coarse=8).metadata()["ss_immiscible_coarse"] == "8"
     base = {"a": "1"}
     assert options.with_metadata(base, s) == {**base, **s.metadata()} and base == {"a": "1"}
