@@ -281,3 +281,24 @@ def test_recorder_rows_from_the_fake_library(tmp_path, monkeypatch):
     assert rows[0]["timesteps"] == [10, 500]
     assert rows[0]["loss"] == pytest.approx(out.mean(dim=(1, 2, 3)).tolist())
     assert rows[2]["items"] == rows[0]["items"][::-1] and rows[0]["items"][0] != rows[0]["items"][1]
+
+
+def test_ctrl_c_leaves_no_marker_and_the_rerun_restarts_that_arm_from_step_0(trainer, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_sleep = cli.time.sleep
+
+    def interrupted_sleep(s):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        real_sleep(s)
+
+    monkeypatch.setattr(cli.time, "sleep", interrupted_sleep)
+    assert ab(trainer, "--k", "4", "--seeds", "1", "--out", "r") == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    arm = tmp_path / "r" / "runs" / "seed5-control"
+    assert arm.exists() and not (arm / cli.MARKER).exists() and not (tmp_path / "r" / "results.json").exists()
+    (arm / "stale").write_text("from the interrupted run")
+    assert ab(trainer, "--k", "4", "--seeds", "1", "--out", "r") == 0
+    assert not (arm / "stale").exists() and (arm / cli.MARKER).exists()
+    assert len(record.read_rows(str(arm / "record"))) == 4 + 2 * 8        # one run's rows, not two
