@@ -125,7 +125,7 @@ def shape_groups(headers) -> dict[tuple, list[int]]:
     return groups
 
 
-def _agreed(headers, rank) -> None:
+def _agreed(headers) -> None:
     """Every process must ask for the same selection (the same error on every rank: a joint stop)."""
     for name in ("k", "mode", "metric", "coarse"):
         values = sorted({int(h[_F[name]]) for h in headers})
@@ -139,7 +139,8 @@ def _agreed(headers, rank) -> None:
 
 def _solve(received, headers, k, metric, seed, backend, coarse, chunk_bytes, dtype, stats):
     """Rank 0: each shape's assignment into ``stats [4, total]`` (index and three statistics per
-    global sample); returns the backend that ran and, with coarse, each shape's pool moments."""
+    global sample); returns the backend that ran and, with coarse, each shape's pool moments.
+    ``received`` are on the latents' device, so the scores are those of a single process there."""
     batches = [int(h[_F["batch"]]) for h in headers]
     offsets = [sum(batches[:r]) for r in range(len(batches))]
     moments = []
@@ -220,7 +221,7 @@ def select_across(latents, k, group, *, seed=None, mode="knn", metric="l2", back
     if failed:
         raise PeerSelectionError(f"rank(s) {failed} of the group could not select this batch (their log says why), "
                                  f"so no rank selects it")
-    _agreed(headers, rank)
+    _agreed(headers)
     seed = headers[0][_F["seed_lo"]] | (headers[0][_F["seed_hi"]] << 32)
     backends = {h[_F["backend"]] for h in headers}
     backend = BACKEND_NAMES[backends.pop()] if len(backends) == 1 else "torch"
@@ -281,7 +282,7 @@ def _assign(latents, k, seed, metric, backend, return_info, chunk_bytes, coarse,
     if rank == 0:
         try:
             stats = torch.zeros(4, total, dtype=torch.float64)
-            used, moments = _solve([r.cpu() for r in received], headers, k, metric, seed, backend, coarse, chunk_bytes,
+            used, moments = _solve([r.to(latents.device) for r in received], headers, k, metric, seed, backend, coarse, chunk_bytes,
                                    dtype, stats)
             result[0], result[1] = 1, BACKEND_NAMES.index(used)
             result[2: 2 + 4 * total] = stats.reshape(-1)

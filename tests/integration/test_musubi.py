@@ -55,7 +55,7 @@ if __name__ != "__main__":
         assert sorted(res) == sorted(TRAINERS)
         for script, opts in res.items():
             assert opts == ["--immiscible_backend", "--immiscible_coarse", "--immiscible_k", "--immiscible_metric",
-                            "--immiscible_mode"], script
+                            "--immiscible_mode", "--immiscible_scope"], script
 
     def test_config_file_and_bad_values():
         res = _case("config", str(PACK / "configs"))
