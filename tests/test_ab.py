@@ -302,3 +302,21 @@ def test_ctrl_c_leaves_no_marker_and_the_rerun_restarts_that_arm_from_step_0(tra
     assert ab(trainer, "--k", "4", "--seeds", "1", "--out", "r") == 0
     assert not (arm / "stale").exists() and (arm / cli.MARKER).exists()
     assert len(record.read_rows(str(arm / "record"))) == 4 + 2 * 8        # one run's rows, not two
+
+
+def test_several_ranks_validate_their_shares_and_the_pass_joins_them(tmp_path):
+    from kohya_patch.ab import analysis
+
+    def rows(items, repeat):
+        val = [{"pass": "val", "train_calls": 2, "loss": [1.0], "timesteps": [t], "items": [i], "t": 0}
+               for i in items for t in (100, 900)]
+        return [{"pass": "train", "train_calls": 0, "loss": [1], "timesteps": [5], "items": ["x"], "t": 0}] + val * repeat
+
+    folder = tmp_path / "record"
+    folder.mkdir()
+    for rank, items in enumerate((["a"], ["b", "c"])):
+        (folder / f"record.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(items, 2)))
+    ranks = analysis.rank_rows(str(folder))
+    assert len(ranks) == 2
+    (step, joined), = analysis.merged_passes(ranks)
+    assert step == 2 and [r["items"][0] for r in joined] == ["a", "a", "b", "b", "c", "c"]   # one pass per rank

@@ -41,6 +41,29 @@ def validation_passes(rows, grad_accum: int = 1) -> list[tuple[int, list[dict]]]
     return out
 
 
+def merged_passes(ranks, grad_accum: int = 1) -> list[tuple[int, list[dict]]]:
+    """:func:`validation_passes` of each rank's rows, a step's rows of every rank joined (with several
+    processes each validates its share of the validation set)."""
+    steps: dict[int, list[dict]] = {}
+    for rows in ranks:
+        for step, rs in validation_passes(rows, grad_accum):
+            steps.setdefault(step, []).extend(rs)
+    return sorted(steps.items())
+
+
+def rank_rows(folder) -> list[list[dict]]:
+    """Every rank's recorded rows in ``folder`` (rank 0 first; none: ``[[]]``)."""
+    out, rank = [], 0
+    while True:
+        rows = read_rows(folder, rank)
+        if not rows and rank > 0:
+            return out
+        out.append(rows)
+        if not rows:
+            return out
+        rank += 1
+
+
 def flat(rows, field: str) -> list:
     return [v for r in rows for v in (r.get(field) or [])]
 
@@ -73,9 +96,11 @@ def mean_reduction(dump_dir) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def seed_result(control_rows, treatment_rows, last: int = 1, grad_accum: int = 1) -> dict:
-    """One seed: ``d_s`` over its last ``last`` validation passes, its curves, per-timestep losses and checks."""
-    cp, tp = validation_passes(control_rows, grad_accum), validation_passes(treatment_rows, grad_accum)
+def seed_result(control_ranks, treatment_ranks, last: int = 1, grad_accum: int = 1) -> dict:
+    """One seed from each arm's rows per rank: ``d_s`` over its last ``last`` validation passes, its curves,
+    per-timestep losses and checks (common random numbers and step times from rank 0)."""
+    cp, tp = merged_passes(control_ranks, grad_accum), merged_passes(treatment_ranks, grad_accum)
+    control_rows, treatment_rows = control_ranks[0], treatment_ranks[0]
     out = {"curve": {CONTROL: [(s, pass_loss(r)) for s, r in cp], TREATMENT: [(s, pass_loss(r)) for s, r in tp]},
            "crn": crn_check(control_rows, treatment_rows),
            "step_s": {CONTROL: abtest.step_durations([r["t"] for r in train_rows(control_rows)]).tolist(),
@@ -106,8 +131,8 @@ def analyse(arm_dirs: dict, walls: dict, *, self_test: bool, last: int = 1, grad
     seeds = sorted({s for s, _ in arm_dirs})
     per_seed = {}
     for s in seeds:
-        c = read_rows(os.path.join(arm_dirs[(s, CONTROL)], "record"))
-        t = read_rows(os.path.join(arm_dirs[(s, TREATMENT)], "record"))
+        c = rank_rows(os.path.join(arm_dirs[(s, CONTROL)], "record"))
+        t = rank_rows(os.path.join(arm_dirs[(s, TREATMENT)], "record"))
         per_seed[s] = seed_result(c, t, last=last, grad_accum=grad_accum)
         per_seed[s]["reduction"] = mean_reduction(os.path.join(arm_dirs[(s, TREATMENT)], "dump"))
         per_seed[s]["wall_s"] = {CONTROL: walls.get((s, CONTROL)), TREATMENT: walls.get((s, TREATMENT))}

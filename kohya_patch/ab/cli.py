@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import immiscible
-from immiscible_host.record import RECORD_ENV, RECORD_FILE
+from immiscible_host.record import RECORD_ENV, RECORD_FILE, read_rows
 
 from ..host import ADAPTER, HOST, POINTS
 from . import analysis, plan, report
@@ -209,7 +209,7 @@ class ArmFailed(RuntimeError):
     pass
 
 
-def run_arm(arm: Arm, bar, done_steps: int, grad_accum: int) -> float:
+def run_arm(arm: Arm, bar, done_steps: int, grad_accum: int, validates: bool = True) -> float:
     """Train one arm (its folder is made afresh); raises :class:`ArmFailed` with the trainer's own error."""
     if arm.dir.exists():
         shutil.rmtree(arm.dir)
@@ -246,6 +246,10 @@ def run_arm(arm: Arm, bar, done_steps: int, grad_accum: int) -> float:
                         f"trainer's Python (install it there: python install.py --sd-scripts ROOT --python "
                         f"VENV_PYTHON), or this sd-scripts computes its loss without train_util.conditional_loss. "
                         f"Log: {log}")
+    if validates and not any(r["pass"] == "val" for r in read_rows(str(arm.dir / "record"))):
+        raise ArmFailed(f"{arm.label} trained but never validated (no validation loss recorded): check that its "
+                        f"validation split leaves at least one image and that a validation pass falls within the "
+                        f"run (validate_every_n_steps / validate_every_n_epochs). Log: {log}")
     return wall
 
 
@@ -307,7 +311,7 @@ def main(argv=None) -> int:
                     bar.refresh()
                     continue
             bar.set_description(f"A/B {i + 1}/{len(arms)} {arm.label}")
-            wall = run_arm(arm, bar, done, grad_accum)
+            wall = run_arm(arm, bar, done, grad_accum, validates)
             arm_steps = Progress(arm.dir / "record" / RECORD_FILE.format(rank=0), grad_accum).steps()
             if steps is None:       # epochs: the first run says how many steps each run has
                 steps = arm_steps
