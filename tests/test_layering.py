@@ -52,6 +52,7 @@ INSTALLER = "install"          # install.py
 COMFY_ENTRY = "__init__"       # the root __init__.py, ComfyUI's entry to the node pack
 SCRIPTS = "scripts"            # fixtures and checks run inside host environments
 TESTS = "tests"                # may import anything; not checked
+BENCHMARKS = "benchmarks"      # benchmark scripts: the core only, like the lab
 PROJECT = (CORE, KIT, *ADAPTERS, LAB, INSTALLER, COMFY_ENTRY, SCRIPTS)
 
 #: Layer -> the project layers it may import, besides itself.
@@ -64,6 +65,7 @@ MAY_IMPORT = {
     INSTALLER: (CORE, KIT, *ADAPTERS),
     COMFY_ENTRY: ("comfy_nodes",),
     SCRIPTS: (CORE, KIT, *ADAPTERS, INSTALLER),
+    BENCHMARKS: (CORE,),
 }
 #: Host programs' modules (top-level names).
 HOST_MODULES = ("library", "musubi_tuner", "comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths",
