@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .train_support import checkout_support, checkout_version
+
 PACK_DIR = Path(__file__).resolve().parent.parent
 REQUIREMENTS = PACK_DIR / "requirements.txt"
 #: Folder name inside custom_nodes. Never "immiscible": ComfyUI registers a pack under its folder
@@ -292,6 +294,14 @@ def check_pack(custom_nodes: Path) -> int:
     return rc
 
 
+def training_line(comfyui: Path) -> str:
+    """Whether Train LoRA (Immiscible) can train on this checkout (the same check the node makes at queue time)."""
+    why = checkout_support(comfyui)
+    if why is None:
+        return f"training: Train LoRA (Immiscible) is supported (ComfyUI {checkout_version(comfyui)})"
+    return f"training: Train LoRA (Immiscible) is not supported: {why}"
+
+
 def main(comfyui=None, python=None, copy=False, check=False, uninstall=False) -> int:
     root = Path(comfyui).expanduser().resolve() if comfyui else None
     if root is None:
@@ -308,6 +318,7 @@ def main(comfyui=None, python=None, copy=False, check=False, uninstall=False) ->
     python = find_python(root, python)
     if check:
         installed = check_pack(custom_nodes)
+        _log(training_line(root))
         return ensure_requirements(python, check=True) | installed
     # A python that cannot run fails here, before custom_nodes is touched.
     try:

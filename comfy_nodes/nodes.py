@@ -155,7 +155,9 @@ NODES = [ImmiscibleNoise, ImmiscibleNoisePreview]
 
 class ImmiscibleExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        from .train import NODES as TRAIN_NODES  # imports nodes_train only when its schema is built
+
+        return [*NODES, *TRAIN_NODES]
 
 
 async def comfy_entrypoint() -> ImmiscibleExtension:
