@@ -237,3 +237,16 @@ def test_install_check_says_whether_training_is_supported(tmp_path: Path):
     assert checkout_support(tmp_path) is None
     assert installer.training_line(tmp_path) == \
         "training: Train LoRA (Immiscible) is supported (ComfyUI v0.3.64)"
+
+
+def test_the_example_workflow_is_wired_consistently():
+    import json
+
+    wf = json.loads((Path(__file__).resolve().parent.parent / "example_workflows" / "immiscible_train_lora.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    for lid, src, slot, dst, dst_slot, typ in wf["links"]:
+        assert lid in by_id[src]["outputs"][slot]["links"] and by_id[src]["outputs"][slot]["type"] == typ
+        assert by_id[dst]["inputs"][dst_slot]["link"] == lid
+    train = next(n for n in wf["nodes"] if n["type"] == "TrainLoraImmiscible")
+    assert train["widgets_values"][-4:] == [8, "knn", "l2", 0]  # k, mode, metric, coarse: last, after the stock inputs
+    assert {n["type"] for n in wf["nodes"]} >= {"SaveLoraImmiscible", "LossGraphNode"}
