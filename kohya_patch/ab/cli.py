@@ -38,7 +38,8 @@ POLL_S = 0.5
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kohya_patch.ab", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        description="Train your own sd-scripts job with and without noise selection, seed by seed, and compare "
+                    "its validation loss and samples.",
         epilog=f"example:\n  {EXAMPLE}\n\nThe training command comes last, after `--`; everything before it is the "
                "A/B's. Costs 2 x seeds trainings. See docs/sd-scripts.md, 'Measure it on your data'.")
     t = p.add_argument_group("the treatment arm (the control arm is --immiscible_k 1)")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metric", default="l2", help=f"--immiscible_metric: {', '.join(immiscible.METRICS)} (default l2)")
     t.add_argument("--coarse", type=int, default=0, help="--immiscible_coarse: 0 (off) or N (default 0)")
     t.add_argument("--backend", default="auto", help=f"--immiscible_backend: {', '.join(immiscible.BACKENDS)}")
+    t.add_argument("--scope", default="rank", help=f"--immiscible_scope: {', '.join(immiscible.SCOPES)} (default rank)")
     a = p.add_argument_group("the A/B")
     a.add_argument("--seeds", type=int, default=3, help="seeds, each one control and one treatment training "
                    "(default 3; 5 recommended; fewer than 3 give no interval)")
@@ -96,7 +98,8 @@ def treatment_options(ns) -> dict:
             "immiscible_mode": immiscible.check_mode(ns.mode, name="--mode"),
             "immiscible_metric": immiscible.check_metric(ns.metric, name="--metric"),
             "immiscible_coarse": immiscible.check_int("--coarse", ns.coarse, 0, immiscible.COARSE_MAX, " (0 = off)"),
-            "immiscible_backend": immiscible.check_backend(ns.backend, name="--backend")}
+            "immiscible_backend": immiscible.check_backend(ns.backend, name="--backend"),
+            "immiscible_scope": immiscible.check_scope(ns.scope, name="--scope")}
 
 
 def check_counts(ns) -> None:
@@ -336,7 +339,8 @@ def main(argv=None) -> int:
     meta = {"treatment": "A/A self-test (both arms --immiscible_k 1)" if ns.self_test else
             f"--immiscible_k {t['immiscible_k']} --immiscible_mode {t['immiscible_mode']} --immiscible_metric "
             f"{t['immiscible_metric']}" + (f" --immiscible_coarse {t['immiscible_coarse']}" if t["immiscible_coarse"]
-                                          else ""),
+                                          else "") + (f" --immiscible_scope {t['immiscible_scope']}"
+                                                      if t["immiscible_scope"] != "rank" else ""),
             "note": ns.note, "command": " ".join(rest), "trainer": command.trainer,
             "version": HOST.describe(Path(os.path.abspath(command.script)).parent),
             "steps": steps, "validation_seed": opts.validation_seed, "last": ns.last_validations,
