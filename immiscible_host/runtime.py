@@ -182,7 +182,10 @@ class Runtime:
         (:func:`~immiscible_host.ranks.seed_from_draw`), so the host's random streams stay exactly
         stock's at any ``k`` and ``--seed`` still governs the selection (None: the seed is drawn
         from torch's default generator, which consumes it). Under multi-process training the rank
-        is mixed in, so that ranks use different pools.
+        is mixed in, so that ranks use different pools; with ``--immiscible_scope global`` the
+        selection runs over the process group instead (rank 0's seed, one assignment of the global
+        batch): a peer's failure is a joint, counted fallback (``select:peer``) and a failed
+        collective raises :class:`GroupSelectionFailed`, which ends the run.
         """
         s = self.settings
         if s is None or not s.enabled:

@@ -145,7 +145,7 @@ def test_train_network_two_ranks_global_assignment_equals_single_process(tmp_pat
            "--network_dim", "4", "--learning_rate", "1e-4", "--max_train_steps", "2", "--mixed_precision", "no",
            "--sdpa", "--save_model_as", "safetensors", "--output_name", "lora", "--output_dir", str(tmp_path / "out"),
            "--immiscible_k", str(K), "--immiscible_mode", "assign", "--immiscible_scope", "global"])
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)  # lock waits
     log = res.stdout + res.stderr
     (tmp_path / "train.log").write_text(log)
     assert res.returncode == 0, log[-6000:]
