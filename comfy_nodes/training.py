@@ -83,8 +83,10 @@ class TrainingRun:
     """One training call's selection: its settings, a statistic per micro-step, the stock steps.
 
     ``stats[i]`` is micro-step ``i``'s mean reduction ``1 - d(chosen) / mean d(candidates)``, or
-    under ``coarse`` the mean pooled cosine(chosen noise, latent); 0.0 where no selection ran
-    (``k = 1``, or a step that fell back to stock noise, listed in ``stock_steps``).
+    under ``coarse`` the mean pooled cosine(chosen noise, latent); 0.0 at a step that fell back to
+    stock noise (listed in ``stock_steps``). At ``k = 1`` nothing is selected and it is the mean
+    cosine(stock noise, latent), so a k = 1 run plots beside a k > 1 run (Plot Loss Graph cannot
+    draw a constant series).
     """
 
     def __init__(self, settings: Settings, where: str = "Train LoRA (Immiscible)"):
@@ -96,6 +98,8 @@ class TrainingRun:
 
     @property
     def statistic(self) -> str:
+        if not self.settings.enabled:
+            return "cosine (k=1: stock noise)"
         return "pooled cosine" if self.settings.coarse else "reduction"
 
     def select(self, latents: torch.Tensor, stock: torch.Tensor) -> torch.Tensor:
@@ -105,7 +109,8 @@ class TrainingRun:
         step = len(self.stats)
         s = self.settings
         if not s.enabled:
-            self.stats.append(0.0)
+            flat = lambda t: t.detach().reshape(t.shape[0], -1).float()  # noqa: E731
+            self.stats.append(float(torch.nn.functional.cosine_similarity(flat(stock), flat(latents).to(stock.device)).mean()))
             return stock
         try:
             noise, info = immiscible.select_noise(latents, s.k, seed=seed_from_draw(stock), mode=s.mode,

@@ -92,7 +92,11 @@ def test_k1_is_stock_bit_for_bit_and_the_generator_ends_where_stock_leaves_it():
     for (i0, _, n0, s0), (i1, _, n1, s1) in zip(stock["trace"], one["trace"]):
         assert torch.equal(i0, i1) and torch.equal(n0, n1) and torch.equal(s0, s1)
     assert torch.equal(stock["after"], one["after"]) and torch.equal(stock["next"], one["next"])
-    assert run.stats == [0.0] * 4 and run.metadata() == {} and "stock noise" in run.summary(4, 1)
+    assert run.metadata() == {} and "stock noise" in run.summary(4, 1) and run.selected == 0
+    # the k = 1 statistic: cosine(stock noise, latent), which varies (so Plot Loss Graph can draw it)
+    expected = [float(torch.nn.functional.cosine_similarity(n.reshape(len(n), -1), b.reshape(len(b), -1)).mean())
+                for _, b, n, _ in stock["trace"]]
+    assert run.stats == pytest.approx(expected) and len(set(run.stats)) == 4 and run.statistic.startswith("cosine")
 
 
 @pytest.mark.parametrize("mode, coarse", [("knn", 0), ("assign", 0), ("knn", 4)])
