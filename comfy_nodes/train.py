@@ -81,16 +81,23 @@ class TrainLoraImmiscible(io.ComfyNode):
                         + (f" Not available here: {why}" if why else ""),
             inputs=[*derived_inputs(stock), _k_input(8), _mode_input(), _metric_input(), _coarse_input()],
             outputs=[
-                io.Model.Output("model_with_lora", display_name="model_with_lora", tooltip="The model with the trained LoRA applied."),
-                io.LoraModel.Output("lora", display_name="lora", tooltip="The trained LoRA; Save LoRA Weights (Immiscible) writes it with "
-                                                    "its ss_immiscible_* metadata."),
-                io.LossMap.Output("loss", display_name="loss", tooltip="The loss of every micro-step (steps x grad_accumulation_steps), "
-                                                  "as Train LoRA gives it."),
-                io.Int.Output("total_steps", display_name="steps", tooltip="Total training steps (existing LoRA's steps included)."),
-                io.LossMap.Output("selection", display_name="selection", tooltip="The selection statistic of every micro-step (mean reduction "
-                                                       "1 - d(chosen)/mean d(candidates); with coarse the pooled "
-                                                       "cosine; 0 at a stock step). Plot Loss Graph draws it."),
-                io.String.Output("summary", display_name="summary", tooltip="Steps, k, mode, mean statistic and stock steps of the run."),
+                io.Model.Output("model_with_lora", display_name="model_with_lora",
+                                tooltip="The model with the trained LoRA applied."),
+                io.LoraModel.Output("lora", display_name="lora",
+                                    tooltip="The trained LoRA; Save LoRA Weights (Immiscible) writes it with its "
+                                            "ss_immiscible_* metadata."),
+                io.LossMap.Output("loss", display_name="loss",
+                                  tooltip="The loss of every micro-step (steps x grad_accumulation_steps), as Train "
+                                          "LoRA gives it."),
+                io.Int.Output("total_steps", display_name="steps",
+                              tooltip="Total training steps (existing LoRA's steps included)."),
+                io.LossMap.Output("selection", display_name="selection",
+                                  tooltip="The selection statistic of every micro-step: mean reduction "
+                                          "1 - d(chosen)/mean d(candidates) (with coarse the pooled cosine; 0 at a "
+                                          "stock step; at k = 1 the cosine of the stock noise). Plot Loss Graph "
+                                          "draws it."),
+                io.String.Output("summary", display_name="summary",
+                                 tooltip="Steps, k, mode, mean statistic and stock steps of the run."),
             ],
             is_experimental=True,
         )

@@ -15,7 +15,8 @@ EXPECTED = (
     ("class TrainLoraNode", "the Train LoRA node (TrainLoraNode)"),
     ("class TrainSampler", "the TrainSampler its training loop runs in"),
     ("comfy_extras.nodes_custom_sampler.Noise_RandomNoise(",
-     "TrainSampler drawing each step's noise with comfy_extras.nodes_custom_sampler.Noise_RandomNoise(seed + i * 1000)"),
+     "TrainSampler drawing each step's noise with "
+     "comfy_extras.nodes_custom_sampler.Noise_RandomNoise(seed + i * 1000)"),
     (".generate_noise(", "that noise made by generate_noise({'samples': batch_latent})"),
 )
 

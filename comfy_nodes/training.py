@@ -110,7 +110,8 @@ class TrainingRun:
         s = self.settings
         if not s.enabled:
             flat = lambda t: t.detach().reshape(t.shape[0], -1).float()  # noqa: E731
-            self.stats.append(float(torch.nn.functional.cosine_similarity(flat(stock), flat(latents).to(stock.device)).mean()))
+            cosine = torch.nn.functional.cosine_similarity(flat(stock), flat(latents).to(stock.device))
+            self.stats.append(float(cosine.mean()))
             return stock
         try:
             noise, info = immiscible.select_noise(latents, s.k, seed=seed_from_draw(stock), mode=s.mode,

@@ -138,7 +138,8 @@ def test_only_the_training_loop_sees_the_selection_and_every_exit_restores_stock
     def failing_loss(*args):
         raise KeyboardInterrupt  # an interrupted prompt
 
-    with pytest.raises(KeyboardInterrupt), selected_training_noise(train_module, custom_sampler, TrainingRun(Settings(k=8))):
+    run = TrainingRun(Settings(k=8))
+    with pytest.raises(KeyboardInterrupt), selected_training_noise(train_module, custom_sampler, run):
         train(train_module, custom_sampler, latents, loss_fn=failing_loss)
     assert train_module.TrainSampler is stock_sampler and custom_sampler.Noise_RandomNoise is FakeNoise
 
@@ -246,7 +247,8 @@ def test_install_check_says_whether_training_is_supported(tmp_path: Path):
 def test_the_example_workflow_is_wired_consistently():
     import json
 
-    wf = json.loads((Path(__file__).resolve().parent.parent / "example_workflows" / "immiscible_train_lora.json").read_text())
+    path = Path(__file__).resolve().parent.parent / "example_workflows" / "immiscible_train_lora.json"
+    wf = json.loads(path.read_text())
     by_id = {n["id"]: n for n in wf["nodes"]}
     for lid, src, slot, dst, dst_slot, typ in wf["links"]:
         assert lid in by_id[src]["outputs"][slot]["links"] and by_id[src]["outputs"][slot]["type"] == typ
