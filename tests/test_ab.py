@@ -39,6 +39,7 @@ FAKE_TRAINER = textwrap.dedent('''
                                    ("learning_rate", float, 1e-4), ("network_args", str, None)):
             p.add_argument("--" + name, type=typ, default=default, nargs="*" if name == "network_args" else None)
         p.add_argument("--async_upload", action="store_true")
+        p.add_argument("--cache_latents_to_disk", action="store_true")
         p.add_argument("--immiscible_validation", action="store_true")   # the pack's options, as its hook adds them
         for name, typ, default in (("k", int, 1), ("mode", str, "knn"), ("metric", str, "l2"),
                                    ("backend", str, "auto"), ("coarse", int, 0)):
@@ -75,7 +76,7 @@ FAKE_TRAINER = textwrap.dedent('''
                 f.write(json.dumps({"pass": "train", "train_calls": step - 1, "loss": [0.1],
                                     "timesteps": [rng.randrange(1000)], "items": [str(rng.randrange(8))],
                                     "t": step * (0.1 + 0.01 * (args.immiscible_k > 1))}) + "\\n")
-                if step % args.validate_every_n_steps == 0:
+                if args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
                     for t in (200, 400, 600, 800):
                         for item in ("a", "b"):
                             base = (1 + t / 1000) * (1 + 0.5 / step) * (1 + 0.1 * (item == "a"))
@@ -320,3 +321,16 @@ def test_several_ranks_validate_their_shares_and_the_pass_joins_them(tmp_path):
     assert len(ranks) == 2
     (step, joined), = analysis.merged_passes(ranks)
     assert step == 2 and [r["items"][0] for r in joined] == ["a", "a", "b", "b", "c", "c"]   # one pass per rank
+
+
+def test_disk_caches_are_filled_by_a_one_step_warm_up_before_the_arms(trainer, tmp_path):
+    train = ("--seed", "5", "--max_train_steps", "4", "--validate_every_n_steps", "2", "--validation_split", "0.25")
+    assert ab(trainer, "--k", "4", "--seeds", "1", "--out", "r", train=(*train, "--cache_latents_to_disk")) == 0
+    warm = tmp_path / "r" / "runs" / plan.WARMUP
+    args = json.loads((warm / "model" / "args.json").read_text())
+    assert args["max_train_steps"] == 1 and args["cache_latents_to_disk"] and args["immiscible_k"] == 1
+    assert (warm / cli.MARKER).exists() and "warm-up" in (tmp_path / "r" / "report.md").read_text()
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["meta"]["runs"] == 2 and res["per_seed"]["5"]["crn"]["steps"] == [4, 4]
+    assert ab(trainer, "--k", "4", "--seeds", "1", "--out", "q", train=train) == 0
+    assert not (tmp_path / "q" / "runs" / plan.WARMUP).exists()

@@ -274,7 +274,12 @@ def main(argv=None) -> int:
     except (PlanError, ValueError, TypeError) as exc:
         print(f"kohya_patch.ab: error: {exc}", file=sys.stderr)
         return 2
-    fp = plan.fingerprint(arms)
+    warm = plan.warmup_arm(arms[0]) if plan.needs_warmup(args) else None
+    sequence = ([warm] if warm else []) + arms
+    if warm:
+        notes.append("disk caches (cache_latents_to_disk / cache_text_encoder_outputs_to_disk): a 1-step warm-up run "
+                     "fills them first, so that every arm loads them and shares the others' random streams")
+    fp = plan.fingerprint(sequence)
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     if plan_path.exists():
@@ -289,7 +294,7 @@ def main(argv=None) -> int:
     for note in notes:
         print(f"[ab] {note}", file=sys.stderr)
     if ns.dry_run:
-        for arm in arms:
+        for arm in sequence:
             arm.dir.mkdir(parents=True, exist_ok=True)
             (arm.dir / "config.toml").write_text(plan.toml_text(arm.settings, f"A/B arm: {arm.label}"),
                                                  encoding="utf-8")
@@ -300,22 +305,31 @@ def main(argv=None) -> int:
     grad_accum = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
     steps = plan.steps_of(args, opts)
     walls: dict = {}
+    warm_wall = None
     bar = tqdm(total=steps * len(arms) if steps else None, unit="step", dynamic_ncols=True, desc="A/B")
     done = 0
     try:
-        for i, arm in enumerate(arms):
+        for i, arm in enumerate(sequence):
             marker = arm.dir / MARKER
             if marker.exists():
                 m = json.loads(marker.read_text(encoding="utf-8"))
                 if m.get("fingerprint") == fp:
-                    walls[(arm.seed, arm.name)] = m["wall_s"]
-                    done += m["steps"]
+                    if arm is warm:
+                        warm_wall = m["wall_s"]
+                    else:
+                        walls[(arm.seed, arm.name)] = m["wall_s"]
+                        done += m["steps"]
                     bar.n = done
                     bar.refresh()
                     continue
-            bar.set_description(f"A/B {i + 1}/{len(arms)} {arm.label}")
-            wall = run_arm(arm, bar, done, grad_accum, validates)
+            bar.set_description(f"A/B {i + (not warm)}/{len(arms)} {arm.label}")
+            wall = run_arm(arm, bar, done, grad_accum, validates and arm is not warm)
             arm_steps = Progress(arm.dir / "record" / RECORD_FILE.format(rank=0), grad_accum).steps()
+            if arm is warm:
+                bar.n = done
+                warm_wall = wall
+                write_atomic(marker, json.dumps({"fingerprint": fp, "wall_s": wall, "steps": arm_steps}))
+                continue
             if steps is None:       # epochs: the first run says how many steps each run has
                 steps = arm_steps
                 bar.total = steps * len(arms)
@@ -345,7 +359,8 @@ def main(argv=None) -> int:
             "version": HOST.describe(Path(os.path.abspath(command.script)).parent),
             "steps": steps, "validation_seed": opts.validation_seed, "last": ns.last_validations,
             "validation_note": "; ".join(n for n in notes if "validat" in n) or "the command's own split and schedule",
-            "wall_arms": sum(walls.values()), "runs": len(arms), "wall_total": time.perf_counter() - t_start}
+            "wall_arms": sum(walls.values()), "runs": len(arms), "wall_total": time.perf_counter() - t_start,
+            "warmup": warm_wall}
     res["meta"] = meta
     write_atomic(out / "results.json", json.dumps(res, indent=1, default=str))
     path = report.write_report(res, meta, out, arm_dirs)

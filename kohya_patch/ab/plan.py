@@ -275,6 +275,29 @@ def seeded_prompts(path: str, base_seed: int) -> tuple[str, str]:
     return json.dumps(out, ensure_ascii=False, indent=1) + "\n", ".json"
 
 
+#: Options that make a run write a cache the later runs load: the run that writes it draws from torch's
+#: generator while encoding (the VAE's ``latent_dist.sample()``), the later ones do not, so the first arm
+#: would not share the others' random streams. A 1-step warm-up run fills the cache first.
+DISK_CACHES = ("cache_latents_to_disk", "cache_text_encoder_outputs_to_disk")
+WARMUP = "cache-warmup"
+
+
+def needs_warmup(args) -> bool:
+    return any(getattr(args, key, False) for key in DISK_CACHES)
+
+
+def warmup_arm(control: Arm) -> Arm:
+    """The control's run cut to 1 step with no validation pass and no samples, in its own folder: it
+    writes the disk caches every arm then loads."""
+    d = control.dir.parent / WARMUP
+    s = {k: v for k, v in control.settings.items()
+         if k not in ("sample_prompts", "validate_every_n_steps", "max_train_epochs", "sample_at_first")}
+    s.update(max_train_steps=1, validate_every_n_epochs=10**9, output_dir=str(d / "model"),
+             logging_dir=str(d / "logs"))
+    command = [str(d / "config.toml") if c == str(control.dir / "config.toml") else c for c in control.command]
+    return Arm(control.seed, WARMUP, d, s, command)
+
+
 def fingerprint(arms) -> str:
     """What a finished arm's marker must match for a resume to trust it: every arm's config and command."""
     h = hashlib.sha256()

@@ -133,6 +133,8 @@ def markdown(res, meta) -> str:
               f"- seeds: {', '.join(map(str, res['seeds']))} (the unit of the statistics; only `--seed` differs "
               f"between seeds), {meta['steps']} steps per run",
               f"- validation: seed {meta['validation_seed']} in every run; {meta['validation_note']}",
+              *(["- a 1-step warm-up run filled the disk caches before the arms (the run that writes them draws "
+                 "random numbers while encoding; the arms all load them)"] if meta.get("warmup") else []),
               f"- effect per seed: d_s = log(mean L_treatment / mean L_control) over every validation item and "
               f"timestep of the last {meta['last']} validation pass(es)", "", "## Verdict", "", res["verdict"], ""]
     if not res["self_test"] and res["validated"]:
@@ -159,8 +161,9 @@ def markdown(res, meta) -> str:
     lines += [f"- selection's time per step: {'–' if ov is None else f'{ov[0] * 1000:+.1f} ms ({ov[1] * 100:+.1f} %)'} "
               "(median step durations, treatment minus control)",
               f"- mean `immiscible/reduction` of the treatment: {fmt(res.get('reduction'), '.4f')}",
-              f"- wall time: {meta['wall_arms']:.0f} s in {meta['runs']} trainings, {meta['wall_total']:.0f} s for "
-              "the whole A/B (this invocation)", ""]
+              f"- wall time: {meta['wall_arms']:.0f} s in {meta['runs']} trainings"
+              + (f" and {meta['warmup']:.0f} s in the cache warm-up" if meta.get("warmup") else "")
+              + f", {meta['wall_total']:.0f} s for the whole A/B (this invocation)", ""]
     any_t = next((r["per_timestep"] for r in res["per_seed"].values() if r.get("per_timestep")), None)
     if any_t:
         lines += ["## Per timestep (descriptive only: no test, no interval)", "",
