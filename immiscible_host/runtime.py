@@ -241,7 +241,7 @@ class Runtime:
         dump = os.environ.get(self.dump_env) if self.dump_env else None
         if logger.isEnabledFor(logging.DEBUG) or dump:
             row = {"point": point, "call": calls, "rank": rs.rank, "world_size": rs.world_size,
-                   "drawn_seed": rs.drawn, "seed": rs.seed, "k": info.k, "mode": info.mode, "metric": info.metric,
+                   "drawn_seed": rs.drawn, "seed": info.seed, "k": info.k, "mode": info.mode, "metric": info.metric,
                    "backend": info.backend, "index": info.index.tolist(), "reduction": info.reduction,
                    "coarse": info.coarse, "coarse_reduction": info.coarse_reduction, "scope": info.scope,
                    "rows": info.rows}
