@@ -149,6 +149,22 @@ def running_script() -> str:
     return os.path.basename(path or "")
 
 
+def console_logging() -> None:
+    """In a program that configures no logging (OneTrainer), the kit's start-up line and warnings still
+    reach the console: the ``immiscible_host`` logger gets its own stderr handler at INFO. A program
+    with a root handler (sd-scripts, musubi-tuner) is left as it is."""
+    import logging
+
+    log = logging.getLogger(__package__)
+    if logging.getLogger().handlers or log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False   # a root handler the program adds later would print every line twice
+
+
 class Adapter:
     """A :class:`Host` in this process: its import hook, its run-time state, where it runs."""
 
@@ -180,6 +196,7 @@ class Adapter:
         """Validate, check the running trainer's point, configure the run, log the summary."""
         from .preflight import start_up
 
+        console_logging()
         return start_up(self, args, parser)
 
     # ------------------------------------------------------------------ where it runs

@@ -1,0 +1,217 @@
+"""Real OneTrainer on the CPU: a 2-step SD1.5 LoRA through its own CLI (``scripts/train.py``).
+
+Needs ``ONETRAINER_DIR`` (a checkout, tested at 23df3832), its venv's python in
+``ONETRAINER_PYTHON`` with this pack installed (``install.py --onetrainer``), and
+``IMMISCIBLE_CACHE`` with ``sd15_random_diffusers/`` and ``train_images/``; all three come from
+``scripts/setup_onetrainer.sh``. Skips with the reason when any is missing. Each run takes about
+20 s and 5 GB of RAM, under ``flock /tmp/heavy.lock`` when that file can be opened.
+
+Each training run is one subprocess; a small driver (``_DRIVER``) runs ``scripts/train.py`` with
+the noise point also recording, per call, what it returned and the step's timestep, so the tests
+compare runs without changing what OneTrainer does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OT = os.environ.get("ONETRAINER_DIR")
+PY = os.environ.get("ONETRAINER_PYTHON")
+CACHE = os.environ.get("IMMISCIBLE_CACHE")
+MODEL = Path(CACHE or "/nonexistent") / "sd15_random_diffusers"
+IMAGES = Path(CACHE or "/nonexistent") / "train_images"
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    not (OT and PY and CACHE and Path(OT, "scripts/train.py").is_file() and Path(PY).is_file()
+         and (MODEL / "model_index.json").is_file()),
+    reason="needs ONETRAINER_DIR, ONETRAINER_PYTHON and IMMISCIBLE_CACHE with sd15_random_diffusers "
+           "(eval \"$(scripts/setup_onetrainer.sh EXT_DIR)\")")
+
+#: Runs OneTrainer's scripts/train.py as its CLI would, and records each call of the noise mixin's
+#: _create_noise (the noise it returned, its generator's state after, the caller's timestep) and
+#: each optimizer step, to OUT.json. Nothing it records changes what OneTrainer computes.
+_DRIVER = r'''
+import hashlib, json, runpy, sys, os
+out_path = sys.argv.pop(1)
+ot = os.environ["ONETRAINER_DIR"]
+sys.path[:0] = [ot, os.path.join(ot, "scripts")]
+os.chdir(ot)
+import torch
+from modules.trainer import GenericTrainer   # the hook patches here (unless disabled)
+from modules.modelSetup.mixin import ModelSetupNoiseMixin as M
+rec = {"noise": [], "timesteps": [], "after": [], "optimizer_steps": 0, "reductions": []}
+inner = M.ModelSetupNoiseMixin._create_noise
+def recording(self, source_tensor, config, generator, timestep=None, betas=None):
+    out = inner(self, source_tensor, config, generator, timestep, betas)
+    rec["noise"].append(out.flatten().tolist())
+    rec["timesteps"].append(None if timestep is None else timestep.flatten().tolist())
+    rec["after"].append(hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest())
+    return out
+M.ModelSetupNoiseMixin._create_noise = recording
+step = torch.optim.Optimizer.step
+import atexit
+def dump():
+    from onetrainer_patch.host import ADAPTER
+    rt = ADAPTER._runtime
+    rec["selections"] = rt.calls if rt is not None else None
+    rec["stock_batches"] = rt.stock_batches if rt is not None else None
+    with open(out_path, "w") as f:
+        json.dump(rec, f)
+atexit.register(dump)
+sys.argv[0] = os.path.join(ot, "scripts", "train.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def _images(tmp: Path) -> Path:
+    """Two of the cache's tiny images (with captions): batch 1, one epoch = 2 training steps."""
+    import shutil
+
+    folder = tmp / "images"
+    folder.mkdir(exist_ok=True)
+    for name in ("000.png", "000.txt", "001.png", "001.txt"):
+        shutil.copy(IMAGES / name, folder / name)
+    return folder
+
+
+def _config(tmp: Path, **extra) -> Path:
+    concept = {"name": "tiny", "path": str(_images(tmp)), "enabled": True, "include_subdirectories": False,
+               "text": {"prompt_source": "sample"}, "image": {"enable_crop_jitter": False}}
+    cfg = {
+        "__version": 11, "training_method": "LORA", "model_type": "STABLE_DIFFUSION_15", "base_model_name": str(MODEL),
+        "output_model_destination": str(tmp / "lora.safetensors"), "output_model_format": "KOHYA_LORA",
+        "output_dtype": "FLOAT_32", "workspace_dir": str(tmp / "ws"), "cache_dir": str(tmp / "cache"),
+        "train_device": "cpu", "temp_device": "cpu", "train_dtype": "FLOAT_32", "fallback_train_dtype": "FLOAT_32",
+        "weight_dtype": "FLOAT_32", "lora_weight_dtype": "FLOAT_32", "resolution": "64", "batch_size": 1,
+        "epochs": 1, "lora_rank": 4, "lora_alpha": 1.0, "learning_rate": 0.001, "dataloader_threads": 1,
+        "unet": {"weight_dtype": "FLOAT_32"}, "text_encoder": {"weight_dtype": "FLOAT_32", "train": False},
+        "vae": {"weight_dtype": "FLOAT_32"}, "tensorboard": False, "validation": False, "samples": [],
+        "sample_after": 0, "sample_after_unit": "NEVER", "backup_after": 0, "backup_after_unit": "NEVER",
+        "backup_before_save": False, "save_every_unit": "NEVER", "concepts": [concept], "only_cache": False,
+    }
+    cfg.update(extra)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run_onetrainer(tmp: Path, *config_values: str, disable: bool = False, ot_dir: str | None = None, **config):
+    """Train 2 steps; returns (completed process, record dict or None)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = _config(tmp, **config)
+    out = tmp / "record.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ONETRAINER_DIR": ot_dir or OT, "PYTHONUNBUFFERED": "1"}
+    env.pop("IMMISCIBLE_ONETRAINER_DISABLE", None)
+    if disable:
+        env["IMMISCIBLE_ONETRAINER_DISABLE"] = "1"
+    cmd = [PY, "-c", _DRIVER, str(out), "--config-path", str(cfg)]
+    for cv in config_values:
+        cmd += ["--config-value", cv]
+    lock = ["flock", "/tmp/heavy.lock"] if os.access("/tmp", os.W_OK) and _has_flock() else []
+    proc = subprocess.run(lock + cmd, env=env, capture_output=True, text=True, timeout=600)
+    rec = json.loads(out.read_text()) if out.is_file() else None
+    return proc, rec
+
+
+def _has_flock() -> bool:
+    from shutil import which
+
+    return which("flock") is not None
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
+def _log(proc) -> str:
+    return f"rc={proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The runs several tests compare: stock (hook disabled), option absent, k=1 and k=8."""
+    base = tmp_path_factory.mktemp("onetrainer")
+    return {
+        "stock": run_onetrainer(base / "stock", disable=True),
+        "absent": run_onetrainer(base / "absent"),
+        "k8": run_onetrainer(base / "k8", "immiscible_k=8"),
+        "base": base,
+    }
+
+
+def test_k8_saves_a_lora_with_metadata_and_one_selection_per_step(runs):
+    proc, rec = runs["k8"]
+    assert proc.returncode == 0, _log(proc)
+    lora = runs["base"] / "k8" / "lora.safetensors"
+    header = _header(lora)
+    assert header.get("ss_immiscible_k") == "8" and header.get("ss_immiscible_mode") == "knn", header
+    assert header.get("ss_immiscible_stock_batches") == "0", header
+    assert rec["selections"] == 2 == len(rec["noise"]), rec["selections"]   # 2 steps, one selection each
+    assert "immiscible: k=8" in proc.stderr + proc.stdout     # the start-up line
+
+
+def test_absent_and_stock_give_identical_tensors(runs):
+    (p_stock, r_stock), (p_absent, r_absent) = runs["stock"], runs["absent"]
+    assert p_stock.returncode == 0, _log(p_stock)
+    assert p_absent.returncode == 0, _log(p_absent)
+    a, b = _tensors(runs["base"] / "stock" / "lora.safetensors"), _tensors(runs["base"] / "absent" / "lora.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert a[key].equal(b[key]), key
+    ha, hb = _header(runs["base"] / "stock" / "lora.safetensors"), _header(runs["base"] / "absent" / "lora.safetensors")
+    assert not any(k.startswith("ss_immiscible_") for k in hb)
+    assert {k for k in ha if ha[k] != hb.get(k)} <= {"modelspec.date"}
+    assert r_stock["noise"] == r_absent["noise"]
+
+
+def test_k8_changes_the_noise_but_not_the_timesteps_nor_the_generator(runs):
+    (p_absent, r_absent), (p_k8, r_k8) = runs["absent"], runs["k8"]
+    assert p_absent.returncode == 0 and p_k8.returncode == 0, _log(p_k8)
+    assert r_k8["timesteps"] == r_absent["timesteps"]
+    assert r_k8["after"] == r_absent["after"]          # the step generator ends where stock leaves it
+    assert r_k8["noise"] != r_absent["noise"]
+
+
+def test_bad_raw_value_stops_at_start_up_naming_the_key(tmp_path):
+    proc, rec = run_onetrainer(tmp_path, "immiscible_k=64.5")
+    assert proc.returncode != 0
+    assert "immiscible_k" in proc.stderr and "[1, " in proc.stderr, _log(proc)
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_drifted_copy_stops_before_its_first_optimizer_step(tmp_path):
+    """A OneTrainer whose base draw is no longer torch.randn(shape, generator=...) stops at k=8."""
+    import shutil
+
+    drift = tmp_path / "OneTrainer"
+    shutil.copytree(OT, drift, symlinks=True, ignore=shutil.ignore_patterns("workspace*", ".git", "venv"))
+    mixin = drift / "modules/modelSetup/mixin/ModelSetupNoiseMixin.py"
+    src = mixin.read_text()
+    stock_draw = "noise = torch.randn(\n            source_tensor.shape,\n            generator=generator,"
+    assert stock_draw in src
+    mixin.write_text(src.replace(stock_draw, "noise = torch.randn_like(source_tensor) if True else torch.randn(\n"
+                                             "            source_tensor.shape,\n            generator=generator,"))
+    proc, rec = run_onetrainer(tmp_path / "run", "immiscible_k=8", ot_dir=str(drift))
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "SelectionNotApplied" in err and "before the first optimizer step" in err, _log(proc)
+    assert "install.py --check --onetrainer" in err and "OneTrainer version" in err or "version" in err
+    assert not (tmp_path / "run" / "lora.safetensors").exists()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
