@@ -137,6 +137,15 @@ def _agreed(headers) -> None:
 # --------------------------------------------------------------------------- the solve (rank 0)
 
 
+def _rows_of(received, ranks, batches, width, dtype) -> torch.Tensor:
+    """The gathered samples of ``ranks`` as ``[n, width]``: a view of ``received [W, bytes]`` when their
+    rows hold nothing but those samples (equal batches, ranks in a row), else a copy."""
+    nbytes = [batches[r] * width * dtype.itemsize for r in ranks]
+    if ranks == list(range(ranks[0], ranks[-1] + 1)) and all(n == received.shape[1] for n in nbytes):
+        return received[ranks[0]: ranks[-1] + 1].reshape(-1).view(dtype).reshape(-1, width)
+    return torch.cat([received[r][:n].view(dtype).reshape(batches[r], width) for r, n in zip(ranks, nbytes)])
+
+
 def _solve(received, headers, k, metric, seed, backend, coarse, chunk_bytes, dtype, stats):
     """Rank 0: each shape's assignment into ``stats [4, total]`` (index and three statistics per
     global sample); returns the backend that ran and, with coarse, each shape's pool moments.
@@ -147,8 +156,7 @@ def _solve(received, headers, k, metric, seed, backend, coarse, chunk_bytes, dty
     for shape, ranks in shape_groups(headers).items():
         numel = math.prod(shape)
         width = math.prod(shape[:-2]) * coarse * coarse if coarse else numel
-        rows = torch.cat([received[r][: batches[r] * width * dtype.itemsize].view(dtype).reshape(batches[r], width)
-                          for r in ranks]).to(torch.float32)
+        rows = _rows_of(received, ranks, batches, width, dtype).to(torch.float32)
         pool = k * rows.shape[0]
         try:
             scored, index, moment = _score(BACKENDS[backend], seed, rows, pool, numel, chunk_bytes, shape, coarse, metric)
@@ -269,10 +277,11 @@ def _assign(latents, k, seed, metric, backend, return_info, chunk_bytes, coarse,
         s = shape_of(h)
         width = math.prod(s[:-2]) * coarse * coarse if coarse else math.prod(s)
         sizes.append(h[_F["batch"]] * width * dtype.itemsize)
-    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=comm)
+    padded = torch.empty(max(sizes), dtype=torch.uint8, device=comm)   # a tail past sizes[rank] is never read
     padded[: sizes[rank]] = payload.reshape(-1).view(torch.uint8).to(comm)
-    received = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    run_collective("latent gather", lambda: dist.gather(padded, received, dst=root, group=group, async_op=True),
+    received = torch.empty(world, max(sizes), dtype=torch.uint8, device=comm) if rank == 0 else None
+    rows_in = list(received.unbind(0)) if rank == 0 else None
+    run_collective("latent gather", lambda: dist.gather(padded, rows_in, dst=root, group=group, async_op=True),
                    rank, timeout)
     # 3. rank 0 solves; everyone gets the indices and statistics
     groups = shape_groups(headers)
@@ -282,7 +291,7 @@ def _assign(latents, k, seed, metric, backend, return_info, chunk_bytes, coarse,
     if rank == 0:
         try:
             stats = torch.zeros(4, total, dtype=torch.float64)
-            used, moments = _solve([r.to(latents.device) for r in received], headers, k, metric, seed, backend, coarse, chunk_bytes,
+            used, moments = _solve(received.to(latents.device), headers, k, metric, seed, backend, coarse, chunk_bytes,
                                    dtype, stats)
             result[0], result[1] = 1, BACKEND_NAMES.index(used)
             result[2: 2 + 4 * total] = stats.reshape(-1)
