@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,28 @@ def test_drifted_copy_stops_before_its_first_optimizer_step(tmp_path):
     assert "SelectionNotApplied" in err and "before the first optimizer step" in err, _log(proc)
     assert "install.py --check --onetrainer" in err and "OneTrainer version" in err or "version" in err
     assert not (tmp_path / "run" / "lora.safetensors").exists()
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None,
+                    reason="needs a virtual X server: xvfb-run (Debian: apt-get install xvfb libxcb-cursor0 "
+                           "libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0)")
+def test_the_gui_tab_shows_the_options_bound_to_the_config(tmp_path):
+    """OneTrainer's real Qt training tab under Xvfb: the widgets sit below the noise settings, setting
+    them sets the config, and the config OneTrainer saves carries them."""
+    out, shot = tmp_path / "gui.json", tmp_path / "tab.png"
+    proc = subprocess.run(["xvfb-run", "-a", PY, str(ROOT / "scripts/fixtures/onetrainer_gui_tab.py"), OT, str(out),
+                           str(shot)], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and out.is_file(), _log(proc)
+    got = json.loads(out.read_text())
+    labels = got["labels"]
+    assert labels.index("Immiscible K") > labels.index("Perturbation Noise Weight")   # in the noise frame
+    assert labels[-4:] == ["Immiscible K", "Immiscible Mode", "Immiscible Metric", "Immiscible Coarse"]
+    assert got["before"] == {"immiscible_k": 1, "immiscible_mode": "knn", "immiscible_metric": "l2",
+                             "immiscible_coarse": 0}
+    want = {"immiscible_k": 8, "immiscible_mode": "assign", "immiscible_metric": "cosine", "immiscible_coarse": 4}
+    assert got["after"] == want and got["saved"] == want
+    assert "worse" in got["tooltips"]["Immiscible K"] and shot.stat().st_size > 0
 
 
 if __name__ == "__main__":
