@@ -299,7 +299,8 @@ def test_example_workflow_runs(tmp_path):
         object_info = json.loads(server.get("/object_info"))
         overrides = {"CheckpointLoaderSimple": {"ckpt_name": ckpt.name},
                      "LoadImageTextSetFromFolderNode": {"folder": "train"},
-                     "TrainLoraImmiscible": {"steps": 1, "training_dtype": "fp32", "lora_dtype": "fp32",
+                     # 2 steps: Plot Loss Graph divides by (max - min), so it needs two different values
+                     "TrainLoraImmiscible": {"steps": 2, "training_dtype": "fp32", "lora_dtype": "fp32",
                                              "gradient_checkpointing": False}}
         outputs = server.run(ui_to_api(workflow, object_info, overrides))
         saved = [item for out in outputs.values() for item in out.get("loras", [])]
