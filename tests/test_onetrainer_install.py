@@ -67,3 +67,17 @@ def test_install_py_sends_onetrainer_to_its_installer(monkeypatch, argv, targets
     assert [name for name, _, _ in calls] == targets
     name, root, kw = calls[0]
     assert root == "/ot" and kw["check"] == ("--check" in argv) and kw["uninstall"] == ("--uninstall" in argv)
+
+
+def test_the_start_up_hook_imports_no_torch():
+    """The .pth line runs in every interpreter of OneTrainer's venv: the hook and its table import no torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, onetrainer_patch.startup as s; assert s.ADAPTER.hook.installed(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'immiscible') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
