@@ -18,6 +18,8 @@ import threading
 
 import torch
 
+from .randn_like import SelectFirstRandnLike
+
 
 class LastSelection:
     """The last selection one point made: its stock draw, latents and result."""
@@ -42,17 +44,17 @@ class LastSelection:
 class GeneratorSlot:
     """One armed base draw: the latents, the step generator, the point, whether it fired."""
 
-    __slots__ = ("latents", "generator", "point", "runtime", "last", "fired", "replaced")
+    __slots__ = ("latents", "generator", "point", "runtime", "last", "seen", "fired")
 
     def __init__(self, latents, generator, point, runtime, last: LastSelection | None = None):
         self.latents, self.generator, self.point, self.runtime = latents, generator, point, runtime
         self.last = last if last is not None else LastSelection()
-        self.fired = False      # the generator's first draw happened
-        self.replaced = False   # ... and it was the base draw (the latents' shape), now selected or stock
+        self.seen = False    # the generator's first draw happened
+        self.fired = False   # ... and it was the base draw (the latents' shape), now selected or stock
 
     def choose(self, stock):
         """The base draw's replacement: a repeat's earlier selection, a new selection, or ``stock``."""
-        self.replaced = True
+        self.fired = True
         noise = self.last.repeat_of(stock, self.latents)
         if noise is not None:
             return noise
@@ -65,14 +67,13 @@ class GeneratorSlot:
 
 
 _armed = threading.local()
-_lock = threading.Lock()
 
 
 def _intercepting_randn(*args, **kwargs):
     slot = getattr(_armed, "slot", None)
     stock = _intercepting_randn.__immiscible_next__(*args, **kwargs)   # the host's draw, on its generator
-    if slot is not None and not slot.fired and kwargs.get("generator") is slot.generator:
-        slot.fired = True
+    if slot is not None and not slot.seen and kwargs.get("generator") is slot.generator:
+        slot.seen = True
         if tuple(stock.shape) == tuple(slot.latents.shape):
             return slot.choose(stock)
     return stock
@@ -81,31 +82,16 @@ def _intercepting_randn(*args, **kwargs):
 _intercepting_randn.__immiscible_next__ = torch.randn
 
 
-class SelectFirstGeneratorDraw:
+class SelectFirstGeneratorDraw(SelectFirstRandnLike):
     """Within the block, this thread's first ``torch.randn(..., generator=generator)`` of the
-    latents' shape returns the selection; the block's value is the :class:`GeneratorSlot`."""
+    latents' shape returns the selection; the block's value is the :class:`GeneratorSlot`
+    (``torch.randn`` is swapped as :class:`~immiscible_host.randn_like.SelectFirstRandnLike` swaps
+    ``torch.randn_like``)."""
 
     _depth = 0
+    swapped = "randn"
+    interceptor = staticmethod(_intercepting_randn)
+    armed = _armed
 
     def __init__(self, latents, generator, point: str, runtime, last: LastSelection | None = None):
         self.slot = GeneratorSlot(latents, generator, point, runtime, last)
-
-    def __enter__(self) -> GeneratorSlot:
-        self.prev_slot = getattr(_armed, "slot", None)
-        _armed.slot = self.slot
-        with _lock:
-            cls = SelectFirstGeneratorDraw
-            if cls._depth == 0:
-                _intercepting_randn.__immiscible_next__ = torch.randn
-                torch.randn = _intercepting_randn
-            cls._depth += 1
-        return self.slot
-
-    def __exit__(self, *exc):
-        _armed.slot = self.prev_slot
-        with _lock:
-            cls = SelectFirstGeneratorDraw
-            cls._depth -= 1
-            if cls._depth == 0:
-                torch.randn = _intercepting_randn.__immiscible_next__
-        return False

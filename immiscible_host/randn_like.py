@@ -73,31 +73,38 @@ class SelectFirstRandnLike:
     ``torch.randn_like`` is swapped only while at least one block is open (reference-counted);
     other threads and other calls pass straight through to the previous function. The block's
     value is the :class:`Slot`; ``slot.fired`` says whether the draw happened.
+
+    A subclass swaps another torch function the same way: it names it (``swapped``), its
+    interceptor (which calls ``interceptor.__immiscible_next__``), its thread-local ``armed`` that
+    the interceptor reads the slot from, and its own ``_depth = 0``.
     """
 
     _depth = 0
+    swapped = "randn_like"
+    interceptor = staticmethod(_intercepting_randn_like)
+    armed = _armed
 
     def __init__(self, latents, point: str, runtime):
         self.slot = Slot(latents, point, runtime)
 
-    def __enter__(self) -> Slot:
-        self.prev_slot = getattr(_armed, "slot", None)
-        _armed.slot = self.slot
+    def __enter__(self):
+        cls = type(self)
+        self.prev_slot = getattr(cls.armed, "slot", None)
+        cls.armed.slot = self.slot
         with _lock:
-            cls = SelectFirstRandnLike
             if cls._depth == 0:
-                _intercepting_randn_like.__immiscible_next__ = torch.randn_like
-                torch.randn_like = _intercepting_randn_like
+                cls.interceptor.__immiscible_next__ = getattr(torch, cls.swapped)
+                setattr(torch, cls.swapped, cls.interceptor)
             cls._depth += 1
         return self.slot
 
     def __exit__(self, *exc):
-        _armed.slot = self.prev_slot
+        cls = type(self)
+        cls.armed.slot = self.prev_slot
         with _lock:
-            cls = SelectFirstRandnLike
             cls._depth -= 1
             if cls._depth == 0:
-                torch.randn_like = _intercepting_randn_like.__immiscible_next__
+                setattr(torch, cls.swapped, cls.interceptor.__immiscible_next__)
         return False
 
 

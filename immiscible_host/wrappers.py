@@ -140,6 +140,17 @@ def guarding_first_step(original, point: PatchPoint, adapter):
     return mark(wrapper, original)
 
 
+def drawing_in(block, draw: str, original, *a, **kw):
+    """``original(*a, **kw)`` inside ``block`` (a :class:`SelectFirstRandnLike` or a subclass); a
+    block whose draw never fired is a stock batch, counted (the host no longer draws with ``draw``)."""
+    with block as slot:
+        out = original(*a, **kw)
+    if not slot.fired:
+        slot.runtime.stock(f"not-fired:{slot.point}", "immiscible: %s no longer draws its noise with %s; stock noise "
+                           "was used", slot.point, draw)
+    return out
+
+
 def selecting_first_draw(original, point: PatchPoint, adapter):
     """``get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents)``: while the host's body
     runs, its first ``torch.randn_like(latents)`` returns the selection; the rest is the host's code."""
@@ -149,12 +160,8 @@ def selecting_first_draw(original, point: PatchPoint, adapter):
     def wrapper(args, noise_scheduler, latents, *a, **kw):
         if not runtime.active(args):
             return original(args, noise_scheduler, latents, *a, **kw)
-        with SelectFirstRandnLike(latents, name, runtime) as slot:
-            out = original(args, noise_scheduler, latents, *a, **kw)
-        if not slot.fired:
-            runtime.stock(f"not-fired:{name}", "immiscible: %s no longer draws its noise with "
-                          "torch.randn_like(latents); stock noise was used", name)
-        return out
+        return drawing_in(SelectFirstRandnLike(latents, name, runtime), "torch.randn_like(latents)",
+                          original, args, noise_scheduler, latents, *a, **kw)
 
     return mark(wrapper, original)
 
@@ -204,12 +211,8 @@ def selecting_generator_draw(original, point: PatchPoint, adapter):
             runtime.stock(f"args:{name}", "immiscible: %s was called without latents and a torch.Generator; stock "
                           "noise was used", name)
             return original(*a, **kw)
-        with SelectFirstGeneratorDraw(latents, generator, name, runtime, last) as slot:
-            out = original(*a, **kw)
-        if not slot.replaced:
-            runtime.stock(f"not-fired:{name}", "immiscible: %s no longer draws its base noise with "
-                          "torch.randn(latents.shape, generator=generator); stock noise was used", name)
-        return out
+        return drawing_in(SelectFirstGeneratorDraw(latents, generator, name, runtime, last),
+                          "torch.randn(latents.shape, generator=generator)", original, *a, **kw)
 
     return mark(wrapper, original)
 
