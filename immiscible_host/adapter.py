@@ -1,7 +1,7 @@
 """One training program, described once (:class:`Host`), and what the kit keeps for it in a
 process (:class:`Adapter`).
 
-An adapter package (``kohya_patch``, ``musubi_patch``) is a :class:`Host`: its table of patch
+An adapter package (``kohya_patch``, ``musubi_patch``, ``onetrainer_patch``) is a :class:`Host`: its table of patch
 points, its help text, its start-up rules, where its checkout's files are and which versions it
 was tested on. Everything else (the import hook, the patcher, start-up, the first-step guard,
 run-time selection, the installer and its ``--check`` report, ``python -m <adapter>.run``) takes

@@ -456,3 +456,20 @@ def test_recording_components_track_the_frame_rows():
     rec.label("other", 9, 0, "y")
     assert rec.frame == frame and rec.last_row == 3
     assert add_fields(inner, frame, 4, None, UI_FIELDS[:1]) == 5
+
+
+def test_a_later_failure_uses_the_stock_draw_warns_once_and_is_counted(ot, monkeypatch, caplog):
+    trainer, config = _start(ot, immiscible_k=8)
+    _predict(ot, config, step=1)
+    trainer.step(torch.zeros(()))
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(immiscible, "select_noise", broken)
+    out = _predict(ot, config, step=2)
+    _predict(ot, config, step=3)
+    trainer.step(torch.zeros(()))
+    assert torch.equal(out["noise"], torch.randn(LATENTS.shape, generator=_seeded_after_timestep(2, 2)))
+    assert ADAPTER.runtime.stock_batches == 2 and ADAPTER.runtime.calls == 1
+    assert sum("selection failed" in r.getMessage() for r in caplog.records) == 1
