@@ -121,10 +121,15 @@ def minimal_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: flo
     return (t_quantile(1.0 - alpha / 2.0, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
 
 
-def step_durations(times) -> np.ndarray:
-    """Seconds between consecutive training steps from their end times."""
+def step_durations(times, is_step) -> np.ndarray:
+    """Seconds of each step from the end times of a run's recorded calls in order (``is_step``: which
+    are training steps; the others are validation calls): a step's time starts where the previous call
+    of any kind ended, so a validation pass before a step does not count as that step's time."""
     t = np.asarray(times, dtype=np.float64)
-    return np.diff(t) if t.size > 1 else np.zeros(0)
+    mask = np.asarray(is_step, dtype=bool)
+    if t.size < 2:
+        return np.zeros(0)
+    return np.diff(t)[mask[1:]]
 
 
 def step_overhead(treatment_durations, control_durations) -> tuple[float, float] | None:

@@ -81,7 +81,8 @@ FAKE_TRAINER = textwrap.dedent('''
                         for item in ("a", "b"):
                             base = (1 + t / 1000) * (1 + 0.5 / step) * (1 + 0.1 * (item == "a"))
                             f.write(json.dumps({"pass": "val", "train_calls": step, "loss": [base * factor],
-                                                "timesteps": [t], "items": [item], "t": 0}) + "\\n")
+                                                "timesteps": [t], "items": [item],
+                                                "t": step * (0.1 + 0.01 * (args.immiscible_k > 1))}) + "\\n")
 
     if __name__ == "__main__":
         main()

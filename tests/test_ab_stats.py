@@ -71,9 +71,13 @@ def test_the_verdict_names_direction_bias_and_detectable_effect():
     assert "FAILED" in abtest.verdict([0.0, 1e-9], None, None, self_test=True)
 
 
-def test_step_overhead_uses_medians_so_a_validation_step_does_not_move_it():
-    control = abtest.step_durations([0, 1, 2, 3, 13, 14])    # one step with a 9 s validation pass
-    treatment = abtest.step_durations([0, 1.5, 3, 4.5, 6])
+def test_step_time_leaves_validation_out_and_overhead_uses_medians():
+    # control: steps of 1 s, a 9 s validation pass after the third step, and one slow step (a sample, 6 s)
+    times = [1, 2, 3, 12, 13, 19, 20]
+    kinds = [True, True, True, False, True, True, True]
+    control = abtest.step_durations(times, kinds)
+    assert control.tolist() == [1, 1, 1, 6, 1]
+    treatment = abtest.step_durations([1.5, 3, 4.5, 13.5, 15, 16.5], [True, True, True, False, True, True])
     extra, frac = abtest.step_overhead(treatment, control)
     assert extra == pytest.approx(0.5) and frac == pytest.approx(0.5)
     assert abtest.step_overhead([], control) is None

@@ -76,6 +76,11 @@ def train_rows(rows) -> list[dict]:
     return [r for r in rows if r["pass"] == "train"]
 
 
+def step_seconds(rows) -> list[float]:
+    """Each training step's seconds (from the previous recorded call: validation passes left out)."""
+    return abtest.step_durations([r["t"] for r in rows], [r["pass"] == "train" for r in rows]).tolist()
+
+
 def crn_check(control_rows, treatment_rows) -> dict:
     """Whether the two arms trained on the same timesteps and the same images in the same order."""
     c, t = train_rows(control_rows), train_rows(treatment_rows)
@@ -103,8 +108,7 @@ def seed_result(control_ranks, treatment_ranks, last: int = 1, grad_accum: int =
     control_rows, treatment_rows = control_ranks[0], treatment_ranks[0]
     out = {"curve": {CONTROL: [(s, pass_loss(r)) for s, r in cp], TREATMENT: [(s, pass_loss(r)) for s, r in tp]},
            "crn": crn_check(control_rows, treatment_rows),
-           "step_s": {CONTROL: abtest.step_durations([r["t"] for r in train_rows(control_rows)]).tolist(),
-                      TREATMENT: abtest.step_durations([r["t"] for r in train_rows(treatment_rows)]).tolist()}}
+           "step_s": {CONTROL: step_seconds(control_rows), TREATMENT: step_seconds(treatment_rows)}}
     if not cp or not tp:
         out["d"] = None
         return out
