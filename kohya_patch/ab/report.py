@@ -112,12 +112,12 @@ def plot_samples(pairs, path) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(5.0, 2.5 * len(pairs)), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(4.4, 2.2 * len(pairs)), dpi=80, squeeze=False)
     for row, (caption, c, t) in zip(axes, pairs):
         for ax, img, arm in ((row[0], c, CONTROL), (row[1], t, TREATMENT)):
             with Image.open(img) as im:
-                ax.imshow(im.convert("RGB"))
-            ax.set_title(f"{arm}: {caption}", fontsize=7)
+                ax.imshow(im.convert("RGB"), interpolation="nearest")
+            ax.set_title(f"{arm}\n{caption}", fontsize=7)
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
