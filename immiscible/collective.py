@@ -251,10 +251,8 @@ def select_across(latents, k, group, *, seed=None, mode="knn", metric="l2", back
 def _local_select(latents, k, seed, mode, metric, backend, return_info, chunk_bytes, ids, coarse):
     from .select import select_noise
 
-    return select_noise(latents, k, seed=seed, mode=mode, metric=metric, backend=backend, return_info=True,
-                        chunk_bytes=chunk_bytes, sample_ids=ids, coarse=coarse) if return_info else \
-        select_noise(latents, k, seed=seed, mode=mode, metric=metric, backend=backend, chunk_bytes=chunk_bytes,
-                     sample_ids=ids, coarse=coarse)
+    return select_noise(latents, k, seed=seed, mode=mode, metric=metric, backend=backend, return_info=return_info,
+                        chunk_bytes=chunk_bytes, sample_ids=ids, coarse=coarse)
 
 
 def _payload_dtype(headers, coarse) -> torch.dtype:
