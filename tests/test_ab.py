@@ -335,3 +335,23 @@ def test_disk_caches_are_filled_by_a_one_step_warm_up_before_the_arms(trainer, t
     assert res["meta"]["runs"] == 2 and res["per_seed"]["5"]["crn"]["steps"] == [4, 4]
     assert ab(trainer, "--k", "4", "--seeds", "1", "--out", "q", train=train) == 0
     assert not (tmp_path / "q" / "runs" / plan.WARMUP).exists()
+
+
+def test_without_matplotlib_the_report_says_so_and_has_no_figures(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    res = {"seeds": [1], "per_seed": {}, "effects": [], "interval": None, "mde": None, "overhead": None,
+           "reduction": None, "validated": True, "verdict": "v", "self_test": False}
+    meta = {"treatment": "t", "command": "c", "trainer": "train_network.py", "version": "x", "steps": 1,
+            "validation_seed": 1, "last": 1, "validation_note": "", "wall_arms": 1.0, "runs": 2, "wall_total": 2.0}
+    report.write_report(res, meta, tmp_path, {})
+    text = (tmp_path / "report.md").read_text()
+    assert "matplotlib is not installed" in text and "![" not in text and not list(tmp_path.glob("*.png"))

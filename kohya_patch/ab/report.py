@@ -190,12 +190,20 @@ def markdown(res, meta) -> str:
 def write_report(res, meta, out: Path, arm_dirs: dict) -> Path:
     """``out/report.md`` with ``val_loss.png``, ``effects.png`` and, when there are samples, ``samples.png``."""
     figures = []
-    if res["validated"]:
+    try:
+        import matplotlib  # noqa: F401 - sd-scripts does not require it
+    except ImportError:
+        meta = dict(meta, note=((meta.get("note") or "") + " No figures: matplotlib is not installed in this Python "
+                                "(pip install matplotlib, then run the same command again: the finished runs are "
+                                "kept and only the report is redrawn).").strip())
+        draw, pairs = False, []
+    else:
+        draw, pairs = True, sample_pairs(arm_dirs, res["seeds"])
+    if draw and res["validated"]:
         plot_curves(res, out / "val_loss.png")
         plot_effects(res, out / "effects.png")
         figures += [("val_loss.png", "validation loss against step, both arms"),
                     ("effects.png", "per-seed effect and interval")]
-    pairs = sample_pairs(arm_dirs, res["seeds"])
     if pairs:
         plot_samples(pairs, out / "samples.png")
         figures.append(("samples.png", "the same prompts and seeds, control (left) and treatment (right)"))
