@@ -77,10 +77,7 @@ def test_wan_train_network_two_ranks_global_assignment_equals_single_process(tmp
     checker.assert_global_equals_single_process(summary, K)
     assert len(summary["calls"]) >= 2
     assert any(c["drawn_seeds"][0] != c["drawn_seeds"][1] for c in summary["calls"]), summary  # ranks seeded alone
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "out" / "wan_lora.safetensors"), "pt") as f:
-        meta = f.metadata()
+    meta = checker.safetensors_metadata(tmp_path / "out" / "wan_lora.safetensors")
     assert meta["ss_immiscible_scope"] == "global" and meta["ss_immiscible_mode"] == "assign"
     assert meta["ss_immiscible_stock_batches"] == "0"
     out = os.environ.get("IMMISCIBLE_TWO_RANK_OUT")

@@ -101,6 +101,14 @@ def run_checker(python: str, dump: str, k: int, mode: str, metric: str = "l2", c
     return json.loads(res.stdout)
 
 
+def safetensors_metadata(path) -> dict:
+    """A .safetensors file's ``__metadata__`` (its header: 8-byte little-endian length, then JSON), read
+    without the safetensors package, which the environment running pytest need not have."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)).get("__metadata__", {})
+
+
 def write_ddp_shim(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(DDP_SHIM)
@@ -154,10 +162,7 @@ def test_train_network_two_ranks_global_assignment_equals_single_process(tmp_pat
     assert_global_equals_single_process(summary, K)
     assert len(summary["calls"]) == 2   # two steps, one selection each per rank
     assert any(c["drawn_seeds"][0] != c["drawn_seeds"][1] for c in summary["calls"]), summary  # ranks seeded alone
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
-        meta = f.metadata()
+    meta = safetensors_metadata(tmp_path / "out" / "lora.safetensors")
     assert meta["ss_immiscible_scope"] == "global" and meta["ss_immiscible_mode"] == "assign"
     assert meta["ss_immiscible_stock_batches"] == "0"
     out = os.environ.get("IMMISCIBLE_TWO_RANK_OUT")
