@@ -358,7 +358,8 @@ def main(argv=None) -> int:
             "note": ns.note, "command": " ".join(rest), "trainer": command.trainer,
             "version": HOST.describe(Path(os.path.abspath(command.script)).parent),
             "steps": steps, "validation_seed": opts.validation_seed, "last": ns.last_validations,
-            "validation_note": "; ".join(n for n in notes if "validat" in n) or "the command's own split and schedule",
+            "validation_note": "; ".join(n for n in notes if n.startswith("the command has no validation"))
+                               or "the command's own split and schedule",
             "wall_arms": sum(walls.values()), "runs": len(arms), "wall_total": time.perf_counter() - t_start,
             "warmup": warm_wall}
     res["meta"] = meta
