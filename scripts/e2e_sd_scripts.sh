@@ -131,31 +131,9 @@ if [ "$SINGLE" = 1 ]; then
   IMMISCIBLE_KOHYA_DISABLE=1 train stock "$PY" --
 fi
 if [ "$REPRO" = 1 ]; then train k8_again "$PY" -- --immiscible_k 8; fi
-# accelerate 1.6 runs `launch --cpu --num_processes 2` as ONE process (its simple launcher); two CPU
-# ranks need the torchrun path: --multi_gpu on a machine with no visible GPU gives MULTI_CPU (gloo).
-# On MULTI_CPU, accelerate 1.6 wraps even a frozen model in DDP (its GPU path skips those), and
-# train_network.py prepares the frozen U-Net, so DDP raises "not needed when a module doesn't have
-# any parameter that requires a gradient". A test-only sitecustomize gives the CPU path the GPU
-# path's rule. It lives in the runs folder, is on PYTHONPATH for this run only, and touches
-# neither sd-scripts nor the pack.
-mkdir -p "$RUNS/ddp_shim"
-cat > "$RUNS/ddp_shim/sitecustomize.py" <<'SHIM'
-try:
-    import torch.nn.parallel as _parallel
-
-    _DDP = _parallel.DistributedDataParallel
-
-    class DistributedDataParallel(_DDP):
-        def __new__(cls, module, *args, **kwargs):
-            if not any(p.requires_grad for p in module.parameters()):
-                return module  # what accelerate does for frozen models on GPUs
-            return super().__new__(cls)
-
-    _parallel.DistributedDataParallel = DistributedDataParallel
-except Exception:
-    pass
-SHIM
-if [ "$MULTI" = 1 ]; then PYTHONPATH="$RUNS/ddp_shim${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES="" train k8_2proc "$VENV_BIN/accelerate" launch --multi_gpu \
+# Two CPU ranks: `accelerate launch --multi_gpu` with no visible GPU (gloo), plus the test-only
+# DDP shim scripts/fixtures/ddp_cpu_shim (why: its docstring), on PYTHONPATH for this run only.
+if [ "$MULTI" = 1 ]; then PYTHONPATH="$repo/scripts/fixtures/ddp_cpu_shim${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES="" train k8_2proc "$VENV_BIN/accelerate" launch --multi_gpu \
     --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
     --num_cpu_threads_per_process 1 -- --immiscible_k 8; fi
 

@@ -1,8 +1,8 @@
 """Two ranks of the real sd-scripts ``train_network.py`` with ``--immiscible_scope global`` (CPU, gloo).
 
 ``accelerate launch --multi_gpu --num_processes 2`` with no visible GPU runs two CPU processes over
-gloo (accelerate 1.6's ``--cpu`` launcher would run one). The test-only DDP shim of
-``scripts/e2e_sd_scripts.sh`` (docs/sd-scripts.md) is on ``PYTHONPATH`` for this run only: on
+gloo (accelerate 1.6's ``--cpu`` launcher would run one). The test-only DDP shim
+``scripts/fixtures/ddp_cpu_shim`` (docs/sd-scripts.md) is on ``PYTHONPATH`` for this run only: on
 MULTI_CPU accelerate wraps the frozen U-Net in DDP, which torch refuses. The run has no ``--seed``,
 so each rank seeds itself (and draws its own selection seed): rank 0's must be used by both.
 
@@ -32,23 +32,8 @@ def locked(cmd: list[str]) -> list[str]:
     """``cmd`` under ``flock`` of each of ``LOCKS`` (always taken in this order)."""
     return [part for lock in LOCKS for part in ("flock", lock)] + list(cmd)
 
-#: The DDP shim (the same as scripts/e2e_sd_scripts.sh writes): no DDP for a model with nothing to train.
-DDP_SHIM = '''\
-try:
-    import torch.nn.parallel as _parallel
-
-    _DDP = _parallel.DistributedDataParallel
-
-    class DistributedDataParallel(_DDP):
-        def __new__(cls, module, *args, **kwargs):
-            if not any(p.requires_grad for p in module.parameters()):
-                return module  # what accelerate does for frozen models on GPUs
-            return super().__new__(cls)
-
-    _parallel.DistributedDataParallel = DistributedDataParallel
-except Exception:
-    pass
-'''
+#: The DDP shim (test-only sitecustomize; also used by scripts/e2e_sd_scripts.sh).
+DDP_SHIM_DIR = REPO / "scripts" / "fixtures" / "ddp_cpu_shim"
 
 
 # --------------------------------------------------------------------------- the checker (trainer venv)
@@ -109,12 +94,6 @@ def safetensors_metadata(path) -> dict:
         return json.loads(f.read(size)).get("__metadata__", {})
 
 
-def write_ddp_shim(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(DDP_SHIM)
-    return folder
-
-
 if __name__ == "__main__":
     print(json.dumps(check_dumps(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))))
     sys.exit(0)
@@ -140,7 +119,7 @@ def test_train_network_two_ranks_global_assignment_equals_single_process(tmp_pat
     subprocess.run([py, str(REPO / "install.py"), "--sd-scripts", sd, "--python", py], check=True,
                    capture_output=True, timeout=300)
     (tmp_path / "train_images").symlink_to(cache / "train_images")
-    shim = write_ddp_shim(tmp_path / "ddp_shim")
+    shim = DDP_SHIM_DIR
     dump = tmp_path / "dump"
     env = {**os.environ, "IMMISCIBLE_KOHYA_DUMP": str(dump), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(shim), sd])}
