@@ -23,7 +23,7 @@ import immiscible
 
 WORLD = 2
 COLLECTIVE_TIMEOUT = 10.0
-STALL = 1.0          # seconds rank 1 sleeps before it dies
+STALL = 2.0          # seconds rank 1 sleeps before it dies (well above STALL_TIMEOUT: a busy CI machine)
 STALL_TIMEOUT = 0.3  # rank 0's collective timeout meanwhile
 
 #: name -> (select_noise keywords, per-rank latent shapes, dtype, per-rank seeds).
