@@ -12,6 +12,7 @@ runs, since with a model loaded it takes about 6.5 GB. ``IMMISCIBLE_ARTIFACTS=DI
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -211,6 +212,46 @@ class Comfy:
         return (self.root / "server.log").read_text(errors="replace")[-6000:]
 
 
+@contextlib.contextmanager
+def comfy_server(root: Path, input_dir: Path, ready: str):
+    """A ComfyUI process (under ``flock LOCK``) on a free port, with ``root``'s
+    ``extra_model_paths.yaml``, ``input_dir`` as its input folder and its log in ``root/server.log``;
+    yields its :class:`Comfy` client once ``GET ready`` answers, and stops the process group on exit."""
+    port = _free_port()
+    cmd = ["flock", LOCK, PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--front-end-root", str(root / "frontend"),
+           "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
+           "--database-url", f"sqlite:///{root / 'comfy.db'}", "--disable-api-nodes", "--disable-auto-launch",
+           "--input-directory", str(input_dir), "--output-directory", str(root / "output"),
+           "--temp-directory", str(root), "--user-directory", str(root / "user")]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Comfy(f"http://127.0.0.1:{port}", root)
+    t0 = time.time()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {proc.returncode}\n{server.log()}")
+            try:
+                server.get(ready)
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.time() - t0 > START_TIMEOUT:
+                    raise RuntimeError(f"ComfyUI did not answer in {START_TIMEOUT} s\n{server.log()}")
+                time.sleep(0.5)
+        server.start_seconds = time.time() - t0
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group of flock + ComfyUI started above
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     comfy_dir = Path(COMFYUI_DIR)
@@ -232,40 +273,11 @@ def comfy(tmp_path_factory):
     (root / "extra_model_paths.yaml").write_text(
         f"immiscible_test:\n    base_path: {root}\n    custom_nodes: custom_nodes\n"
         f"    checkpoints: models/checkpoints\n")
-    port = _free_port()
-    cmd = ["flock", LOCK, PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--front-end-root", str(root / "frontend"),
-           "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
-           "--database-url", f"sqlite:///{root / 'comfy.db'}", "--disable-api-nodes", "--disable-auto-launch",
-           "--input-directory", str(root / "input"), "--output-directory", str(root / "output"),
-           "--temp-directory", str(root), "--user-directory", str(root / "user")]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Comfy(f"http://127.0.0.1:{port}", root)
-    server.checkpoint = ckpt
-    t0 = time.time()
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {proc.returncode}\n{server.log()}")
-            try:
-                server.get("/object_info/ImmiscibleNoise")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.time() - t0 > START_TIMEOUT:
-                    raise RuntimeError(f"ComfyUI did not answer in {START_TIMEOUT} s\n{server.log()}")
-                time.sleep(0.5)
-        server.start_seconds = time.time() - t0
-        yield server
+        with comfy_server(root, root / "input", "/object_info/ImmiscibleNoise") as server:
+            server.checkpoint = ckpt
+            yield server
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group of flock + ComfyUI started above
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
         artifacts = os.environ.get("IMMISCIBLE_ARTIFACTS")
         if artifacts:
             dest = Path(artifacts)

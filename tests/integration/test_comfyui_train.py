@@ -31,10 +31,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import time
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -44,8 +41,7 @@ pytestmark = pytest.mark.integration
 if not os.environ.get("COMFYUI_DIR"):
     pytest.skip("COMFYUI_DIR is not set (a ComfyUI checkout; see docs/comfyui.md)", allow_module_level=True)
 
-from test_comfyui import (LOCK, PYTHON, REPO, START_TIMEOUT, Comfy, _checkpoint, _free_port,  # noqa: E402
-                          _png_size, _write_png, ui_to_api)
+from test_comfyui import REPO, Comfy, _checkpoint, _png_size, _write_png, comfy_server, ui_to_api  # noqa: E402
 
 COMFYUI_DIR = Path(os.environ["COMFYUI_DIR"])
 SEEDS = (11, 22, 33)
@@ -108,38 +104,8 @@ def fresh_server(root: Path, dataset: Path, ckpt: Path):
     (root / "extra_model_paths.yaml").write_text(
         f"immiscible_test:\n    base_path: {root}\n    custom_nodes: custom_nodes\n"
         f"    checkpoints: models/checkpoints\n    loras: models/loras\n")
-    port = _free_port()
-    cmd = ["flock", LOCK, PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--front-end-root", str(root / "frontend"),
-           "--extra-model-paths-config", str(root / "extra_model_paths.yaml"),
-           "--database-url", f"sqlite:///{root / 'comfy.db'}", "--disable-api-nodes", "--disable-auto-launch",
-           "--input-directory", str(dataset), "--output-directory", str(root / "output"),
-           "--temp-directory", str(root), "--user-directory", str(root / "user")]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Comfy(f"http://127.0.0.1:{port}", root)
-    t0 = time.time()
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {proc.returncode}\n{server.log()}")
-            try:
-                server.get("/object_info/TrainLoraImmiscible")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.time() - t0 > START_TIMEOUT:
-                    raise RuntimeError(f"ComfyUI did not answer in {START_TIMEOUT} s\n{server.log()}")
-                time.sleep(0.5)
+    with comfy_server(root, dataset, "/object_info/TrainLoraImmiscible") as server:
         yield server
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group of flock + ComfyUI started above
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
 
 
 def train_graph(ckpt: str, seed: int, k: int | None, prefix: str, coarse: int = 0, plot: bool = False) -> dict:
