@@ -14,7 +14,21 @@ from .seeding import derive_seed
 from .torch_rng import KNN_STREAM, POOL_STREAM, CandidateLayout
 
 
-class TorchBackend:
+class _PoolScoring:
+    """The assignment pool's scores, the same for both backends given their ``_pool_fill(numel,
+    pool_size) -> (fill, group)`` (how a backend writes pool members into a chunk)."""
+
+    def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
+        fill, group = self._pool_fill(x.shape[1], pool_size)
+        return pool_distances(x, pool_size, fill, group, chunk_bytes, project)
+
+    def pooled_pool_scores(self, px, pool_size, numel, chunk_bytes, project):
+        """``scoring.pooled_pool_distances`` of this backend's pool (latents held only pooled)."""
+        fill, group = self._pool_fill(numel, pool_size)
+        return pooled_pool_distances(px, pool_size, fill, group, numel, chunk_bytes, project)
+
+
+class TorchBackend(_PoolScoring):
     """Candidates from torch's generators (any device), scored in chunks (``scoring.py``)."""
 
     name = "torch"
@@ -35,15 +49,6 @@ class TorchBackend:
         layout = self._layout(numel, pool_size, POOL_STREAM)
         return (lambda buf, b0, b1, g0, g1: layout.fill(buf, [0], g0, g1)), layout.group
 
-    def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
-        fill, group = self._pool_fill(x.shape[1], pool_size)
-        return pool_distances(x, pool_size, fill, group, chunk_bytes, project)
-
-    def pooled_pool_scores(self, px, pool_size, numel, chunk_bytes, project):
-        """``scoring.pooled_pool_distances`` of this backend's pool (latents held only pooled)."""
-        fill, group = self._pool_fill(numel, pool_size)
-        return pooled_pool_distances(px, pool_size, fill, group, numel, chunk_bytes, project)
-
     def pool_members(self, out, pool_size, index):
         return self._layout(out.shape[1], pool_size, POOL_STREAM).fill_members(out, [0] * len(index), index)
 
@@ -57,7 +62,7 @@ class TorchBackend:
         return layout.fill(out, ids, 0, layout.groups)
 
 
-class TritonBackend:
+class TritonBackend(_PoolScoring):
     """Candidates from the Philox kernels; knn is scored by the fused kernel without materializing."""
 
     name = "triton"
@@ -105,14 +110,6 @@ class TritonBackend:
             return self._write(buf[: g1 - g0], [0] * (g1 - g0), list(range(g0, g1)), POOL_STREAM)
 
         return fill, 1
-
-    def pool_scores(self, x, pool_size, chunk_bytes, project=None) -> Scored:
-        fill, group = self._pool_fill(x.shape[1], pool_size)
-        return pool_distances(x, pool_size, fill, group, chunk_bytes, project)
-
-    def pooled_pool_scores(self, px, pool_size, numel, chunk_bytes, project):
-        fill, group = self._pool_fill(numel, pool_size)
-        return pooled_pool_distances(px, pool_size, fill, group, numel, chunk_bytes, project)
 
     def pool_members(self, out, pool_size, index):
         return self._write(out, [0] * len(index), list(index), POOL_STREAM)
