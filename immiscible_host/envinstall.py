@@ -213,10 +213,11 @@ def pip(python: str, say, *args: str) -> int:
 # --------------------------------------------------------------------------- files
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, hint: str = "run install.py as the environment's owner") -> None:
     """Write ``text`` to ``path`` so that a reader (or an interruption) sees the old file or the new one,
     never a part: a temporary file in the same folder, flushed, then ``os.replace``. Keeps an existing
-    file's permissions; a new one gets the usual ``0o666 & ~umask``."""
+    file's permissions; a new one gets the usual ``0o666 & ~umask``. ``hint`` ends the error when the
+    folder cannot be written."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # not *.pth: site.py must never read it
     try:
@@ -227,7 +228,7 @@ def write_atomic(path: Path, text: str) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     except OSError as exc:
         raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror} (can this user write to "
-                                   f"{path.parent}? run install.py as the environment's owner)") from None
+                                   f"{path.parent}? {hint})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

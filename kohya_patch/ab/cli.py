@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import immiscible
+from immiscible_host.envinstall import write_atomic
 from immiscible_host.record import RECORD_ENV, RECORD_FILE, read_rows
 
 from ..host import ADAPTER, HOST, POINTS
 from . import analysis, plan, report
-from .plan import ARMS, Arm, PlanError
+from .plan import ARMS, OUT_HINT, Arm, PlanError
 
 EXAMPLE = ("python -m kohya_patch.ab --k 4 --seeds 3 --steps 500 --out ab-report -- "
            "accelerate launch train_network.py --config_file my_lora.toml")
@@ -176,12 +177,6 @@ def make_plan(ns, command: plan.Command, args, defaults, out: Path):
     return arms, opts, notes, validates
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class Progress:
     """Training steps of the running arm, counted from its record file as the trainer appends to it."""
 
@@ -290,7 +285,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     write_atomic(plan_path, json.dumps({"fingerprint": fp, "argv": argv, "arms": [
-        {"seed": a.seed, "arm": a.name, "dir": str(a.dir), "command": a.command} for a in arms]}, indent=1))
+        {"seed": a.seed, "arm": a.name, "dir": str(a.dir), "command": a.command} for a in arms]}, indent=1),
+        hint=OUT_HINT)
     for note in notes:
         print(f"[ab] {note}", file=sys.stderr)
     if ns.dry_run:
@@ -328,14 +324,16 @@ def main(argv=None) -> int:
             if arm is warm:
                 bar.n = done
                 warm_wall = wall
-                write_atomic(marker, json.dumps({"fingerprint": fp, "wall_s": wall, "steps": arm_steps}))
+                write_atomic(marker, json.dumps({"fingerprint": fp, "wall_s": wall, "steps": arm_steps}),
+                             hint=OUT_HINT)
                 continue
             if steps is None:       # epochs: the first run says how many steps each run has
                 steps = arm_steps
                 bar.total = steps * len(arms)
             done += arm_steps
             walls[(arm.seed, arm.name)] = wall
-            write_atomic(marker, json.dumps({"fingerprint": fp, "wall_s": wall, "steps": arm_steps}))
+            write_atomic(marker, json.dumps({"fingerprint": fp, "wall_s": wall, "steps": arm_steps}),
+                             hint=OUT_HINT)
     except ArmFailed as exc:
         bar.close()
         print(f"kohya_patch.ab: {exc}\nThe finished arms are kept; run the same command again to resume.",
@@ -363,7 +361,7 @@ def main(argv=None) -> int:
             "wall_arms": sum(walls.values()), "runs": len(arms), "wall_total": time.perf_counter() - t_start,
             "warmup": warm_wall}
     res["meta"] = meta
-    write_atomic(out / "results.json", json.dumps(res, indent=1, default=str))
+    write_atomic(out / "results.json", json.dumps(res, indent=1, default=str), hint=OUT_HINT)
     path = report.write_report(res, meta, out, arm_dirs)
     print(f"{res['verdict']}\nreport: {path}")
     if ns.self_test and not all(r.get("exactly_equal") for r in res["per_seed"].values()):

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from immiscible_host.options import DEFAULTS as IMMISCIBLE_DEFAULTS
 
+#: How an error writing into ``--out`` ends (``envinstall.write_atomic``'s ``hint``).
+OUT_HINT = "choose another --out"
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11

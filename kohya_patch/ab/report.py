@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 from immiscible_host import abtest
+from immiscible_host.envinstall import write_atomic
 
-from .plan import CONTROL, TREATMENT
+from .plan import CONTROL, OUT_HINT, TREATMENT
 
 #: sd-scripts' sample file name: ``{output_name}_{step:06d | e{epoch:06d}}_{prompt:02d}_{time}[_{seed}].png``.
 SAMPLE_NAME = re.compile(r"_(e?\d+)_(\d+)_(\d{14})(?:_(-?\d+))?\.png$")
@@ -208,7 +209,5 @@ def write_report(res, meta, out: Path, arm_dirs: dict) -> Path:
         plot_samples(pairs, out / "samples.png")
         figures.append(("samples.png", "the same prompts and seeds, control (left) and treatment (right)"))
     text = markdown(res, dict(meta, figures=figures))
-    tmp = out / "report.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", text, hint=OUT_HINT)
     return out / "report.md"
