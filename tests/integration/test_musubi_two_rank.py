@@ -57,9 +57,7 @@ def test_wan_train_network_two_ranks_global_assignment_equals_single_process(tmp
                    cwd=musubi, env=env, timeout=600)
     dump = tmp_path / "dump"
     run_env = {**env, "IMMISCIBLE_MUSUBI_DUMP": str(dump), "MUSUBI_TEST_DDP_SHIM": "1"}
-    cmd = checker.locked([str(venv / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--num_cpu_threads_per_process", "1", str(FIXTURES / "musubi_tiny_wan.py"),
+    cmd = checker.locked([str(venv / "bin" / "accelerate"), *checker.TWO_CPU_RANKS, str(FIXTURES / "musubi_tiny_wan.py"),
            "src/musubi_tuner/wan_train_network.py", "--task", "t2v-tiny",
            "--dit", str(fixture / "dit_t2v-tiny_random_float32.safetensors"),
            "--dataset_config", str(fixture / "dataset.toml"), "--sdpa", "--mixed_precision", "no",
@@ -68,11 +66,7 @@ def test_wan_train_network_two_ranks_global_assignment_equals_single_process(tmp
            "--max_data_loader_n_workers", "0", "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0",
            "--output_dir", str(tmp_path / "out"), "--output_name", "wan_lora",
            "--immiscible_k", str(K), "--immiscible_mode", "assign", "--immiscible_scope", "global"])
-    res = subprocess.run(cmd, cwd=musubi, env=run_env, capture_output=True, text=True, timeout=3600)  # lock waits
-    log = res.stdout + res.stderr
-    (tmp_path / "train.log").write_text(log)
-    assert res.returncode == 0, log[-6000:]
-    assert "scope=global" in log
+    checker.train_two_ranks(cmd, musubi, run_env, tmp_path / "train.log")
     summary = checker.run_checker(py, str(dump), K, "assign")
     checker.assert_global_equals_single_process(summary, K)
     assert len(summary["calls"]) >= 2

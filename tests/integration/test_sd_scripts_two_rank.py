@@ -32,6 +32,21 @@ def locked(cmd: list[str]) -> list[str]:
     """``cmd`` under ``flock`` of each of ``LOCKS`` (always taken in this order)."""
     return [part for lock in LOCKS for part in ("flock", lock)] + list(cmd)
 
+#: ``accelerate launch`` arguments for two CPU ranks: ``--multi_gpu`` with no visible GPU is gloo.
+TWO_CPU_RANKS = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+
+
+def train_two_ranks(cmd: list[str], cwd, env: dict, log_path: Path) -> str:
+    """Run a two-rank training ``cmd``; its log goes to ``log_path``; it must end well under scope=global."""
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)  # lock waits
+    log = res.stdout + res.stderr
+    log_path.write_text(log)
+    assert res.returncode == 0, log[-6000:]
+    assert "scope=global" in log
+    return log
+
+
 #: The DDP shim (test-only sitecustomize; also used by scripts/e2e_sd_scripts.sh).
 DDP_SHIM_DIR = REPO / "scripts" / "fixtures" / "ddp_cpu_shim"
 
@@ -123,20 +138,14 @@ def test_train_network_two_ranks_global_assignment_equals_single_process(tmp_pat
     dump = tmp_path / "dump"
     env = {**os.environ, "IMMISCIBLE_KOHYA_DUMP": str(dump), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(shim), sd])}
-    cmd = locked([str(Path(py).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--num_cpu_threads_per_process", "1", str(Path(sd) / "train_network.py"),
+    cmd = locked([str(Path(py).parent / "accelerate"), *TWO_CPU_RANKS, str(Path(sd) / "train_network.py"),
            "--pretrained_model_name_or_path", str(cache / "sd15_random.safetensors"),
            "--tokenizer_cache_dir", str(cache / "tokenizer"), "--dataset_config",
            str(REPO / "configs" / "dataset_smoke_64px.toml"), "--network_module", "networks.lora",
            "--network_dim", "4", "--learning_rate", "1e-4", "--max_train_steps", "2", "--mixed_precision", "no",
            "--sdpa", "--save_model_as", "safetensors", "--output_name", "lora", "--output_dir", str(tmp_path / "out"),
            "--immiscible_k", str(K), "--immiscible_mode", "assign", "--immiscible_scope", "global"])
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)  # lock waits
-    log = res.stdout + res.stderr
-    (tmp_path / "train.log").write_text(log)
-    assert res.returncode == 0, log[-6000:]
-    assert "scope=global" in log
+    train_two_ranks(cmd, tmp_path, env, tmp_path / "train.log")
     summary = run_checker(py, str(dump), K, "assign")
     assert_global_equals_single_process(summary, K)
     assert len(summary["calls"]) == 2   # two steps, one selection each per rank
